@@ -1,0 +1,111 @@
+"""Checkpoint I/O: safe loading of the official pickles, strict loading with readable errors,
+atomic writes of our own artefacts (safetensors / JSON)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+DOWNLOAD_HINT = "run `python -m libs.download` to fetch the official weights into models/"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or does not match the model."""
+
+
+def require_file(path: str | Path, what: str, hint: str = DOWNLOAD_HINT) -> Path:
+    """Fail early, naming the file and how to get it, instead of deep inside a loader."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}\n  -> {hint}")
+    return path
+
+
+def load_torch_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Load a pickled state_dict safely (`weights_only=True`), memory-mapped when possible."""
+    path = require_file(path, what)
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"cannot read {what} {path}: {error}") from error
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, expected a state_dict")
+    return dict(state)
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """`load_state_dict(strict=True)` with an error that names the missing/unexpected/mismatched keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not match {type(module).__name__} (is it the right file / config?)"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if items:
+                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+                lines.append(f"  {title}: {shown}")
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(state, strict=True, assign=_is_meta(module))
+
+
+def _is_meta(module: torch.nn.Module) -> bool:
+    return any(p.is_meta for p in module.parameters())
+
+
+@contextmanager
+def atomic_path(final_path: str | Path) -> Iterator[Path]:
+    """Yield a temp path beside `final_path`; rename it into place only if the block succeeds."""
+    final_path = Path(final_path)
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final_path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
+    """Atomic safetensors write (contiguous CPU copies, so views and GPU tensors are fine)."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+
+
+def load_safetensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    path = require_file(path, what, hint="was it written by train.py?")
+    try:
+        return load_file(str(path))
+    except Exception as error:  # noqa: BLE001
+        raise CheckpointError(f"cannot read {what} {path}: {error}") from error
+
+
+def save_json(data: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,61 @@
+"""Shared fixtures: the tiny model world (built once per session through the real writers) and
+public-domain photos read from installed packages (never committed competition data)."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from libs.config import load_config
+from libs.tiny_world import build_tiny_world
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: full-size or end-to-end checks (run in CI; skip locally with -m 'not slow')")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding uvit_v1.pth, autoencoder_kl.pth, caption_decoder.pth and the two CLIP folders."""
+    return build_tiny_world("tiny", tmp_path_factory.mktemp("tiny_world") / "models")
+
+
+@pytest.fixture()
+def tiny_config(tiny_world: Path) -> ml_collections.ConfigDict:
+    """A fresh tiny config (safe to mutate) whose weight paths point at the session's tiny world."""
+    config = load_config("tiny")
+    config.paths.nnet = str(tiny_world / "uvit_v1.pth")
+    config.paths.autoencoder = str(tiny_world / "autoencoder_kl.pth")
+    config.paths.caption_decoder = str(tiny_world / "caption_decoder.pth")
+    config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
+    config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
+    return copy.deepcopy(config)
+
+
+def _astronaut() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(data.astronaut())
+
+
+def _grace_hopper() -> Image.Image:
+    import matplotlib.cbook
+
+    return Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+
+
+def _camera() -> Image.Image:
+    from skimage import data
+
+    return Image.fromarray(np.stack([data.camera()] * 3, axis=-1))
+
+
+@pytest.fixture(scope="session")
+def public_photos() -> dict[str, Image.Image]:
+    """Public-domain portraits (astronaut: Eileen Collins, NASA; Grace Hopper, US Navy) and CC0
+    `camera` (a person with no detectable frontal face)."""
+    return {"astronaut": _astronaut(), "grace_hopper": _grace_hopper(), "camera": _camera()}
