@@ -186,7 +186,7 @@ def dpm_solver_sample(
         eps = noise_fn(x_j, t_net)
         if eps.shape != x_j.shape:
             raise ValueError(f"noise_fn returned shape {tuple(eps.shape)}, expected {tuple(x_j.shape)}")
-        return (x_j - sigma[j] * eps.to(work_dtype))
+        return (x_j - sigma[j] * eps.to(work_dtype)) / alpha[j]
 
     i, nfe = 0, 0
     for order in fast_orders(steps):
