@@ -283,7 +283,7 @@ class AutoencoderKL(nn.Module):
         """Diffusion latents -> pixels, roughly in [-1, 1].
 
         `slice_size` decodes the batch in chunks of that many latents: at 512x512 the decoder's
-        activations dominate memory, and the result is the same as one big batch.
+        activations dominate memory, and the result matches one big batch up to float rounding.
         """
         if slice_size is not None and slice_size < 1:
             raise ValueError(f"slice_size must be >= 1, got {slice_size}")

@@ -141,7 +141,9 @@ class CLIPTextEncoder(nn.Module):
         if num_vectors < 1:
             raise ValueError(f"num_vectors must be >= 1, got {num_vectors}")
         names = [token] + [f"{token}_{i}" for i in range(1, num_vectors)]
-        if self.tokenizer.add_tokens(names) != len(names):
+        vocab = self.tokenizer.get_vocab()
+        clashes = [n for n in names if n in vocab or f"{n}</w>" in vocab]
+        if clashes or self.tokenizer.add_tokens(names) != len(names):
             raise ValueError(f"token {token!r} already exists in the CLIP vocabulary; pick a new string such as <new1>")
         base: nn.Embedding = self.token_embedding
         rows = self._initial_rows(initializer, num_vectors, base.weight)

@@ -17,6 +17,8 @@ from torch import nn
 from libs.checkpoint import load_strict, load_torch_state_dict
 from libs.config import resolve_path
 
+ATTENTION_MODES = ("sdpa", "math")
+
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Raw sinusoidal embedding of (possibly fractional) timesteps, cos half first, as the official model."""
@@ -33,6 +35,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, attn_drop: float = 0.0, proj_drop: float = 0.0):
         super().__init__()
         self.num_heads = num_heads
+        self.mode = "sdpa"
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim)
@@ -40,7 +43,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = rearrange(self.qkv(x), "B L (K H D) -> K B H L D", K=3, H=self.num_heads)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        dropout = self.attn_drop if self.training else 0.0
+        if self.mode == "sdpa":
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:  # the official fallback: explicit softmax in fp32 (kept to measure what SDPA saves)
+            attn = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+            attn = F.dropout(attn.softmax(dim=-1), dropout)
+            x = (attn @ v.float()).to(q.dtype)
         return self.proj_drop(self.proj(rearrange(x, "B H L D -> B L (H D)")))
 
 
@@ -154,6 +163,13 @@ class UViT(nn.Module):
     def set_gradient_checkpointing(self, enabled: bool) -> None:
         for block in self.blocks():
             block.use_checkpoint = enabled
+
+    def set_attention_mode(self, mode: str) -> None:
+        """"sdpa" (default: fused kernels, input dtype) or "math" (explicit fp32 softmax, as the official code)."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention mode {mode!r} not in {ATTENTION_MODES}")
+        for block in self.blocks():
+            block.attn.mode = mode
 
     def blocks(self) -> list[Block]:
         return [*self.in_blocks, self.mid_block, *self.out_blocks]

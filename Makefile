@@ -1,0 +1,34 @@
+# Two commands for a newcomer:  `make demo` (set up + run the whole pipeline on the tiny world)
+#                               `make test` (set up + run the test suite; what CI runs)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and pinned, so no later install can swap in another (e.g. CUDA) build;
+# on a GPU machine use e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"`
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup test test-fast demo tiny-world clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install $(TORCH_SPEC)
+	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
+	touch $@
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+tiny-world: setup
+	$(PY) -m libs.tiny_world
+
+demo: setup
+	$(PY) -m libs.demo
+
+clean:
+	rm -rf tiny_world demo_run .pytest_cache

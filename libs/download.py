@@ -1,0 +1,112 @@
+"""Fetch the official weights into models/ (skipping what is already there) and check for them.
+
+    python -m libs.download [--config unidiffuser_v1] [--only nnet autoencoder ...]
+
+Every entry script calls `ensure_weights` first, so a missing file is reported at start, by name,
+with this command — not as a stack trace deep inside a loader.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from libs.checkpoint import CheckpointError, DOWNLOAD_HINT
+from libs.config import load_config, resolve_path
+
+UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"
+# files of the Hugging Face model folders that transformers needs (no TF/Flax/.bin duplicates)
+HF_FOLDER_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
+
+
+@dataclass
+class WeightItem:
+    """One thing in models/: a single checkpoint file or a Hugging Face model folder."""
+
+    key: str  # the config.paths key
+    path: Path
+    repo_id: str
+    filename: str | None  # None: a whole model folder
+
+    @property
+    def present(self) -> bool:
+        return (self.path / "config.json").is_file() if self.filename is None else self.path.is_file()
+
+
+def weight_items(config) -> list[WeightItem]:
+    paths = config.paths
+    return [
+        WeightItem("nnet", resolve_path(paths.nnet), UNIDIFFUSER_REPO, "uvit_v1.pth"),
+        WeightItem("autoencoder", resolve_path(paths.autoencoder), UNIDIFFUSER_REPO, "autoencoder_kl.pth"),
+        WeightItem("caption_decoder", resolve_path(paths.caption_decoder), UNIDIFFUSER_REPO, "caption_decoder.pth"),
+        WeightItem("clip_text", resolve_path(paths.clip_text), paths.clip_text_hub, None),
+        WeightItem("clip_img", resolve_path(paths.clip_img), paths.clip_img_hub, None),
+    ]
+
+
+def ensure_weights(config, needed: Sequence[str]) -> None:
+    """Raise one clear error listing every needed weight that is missing.
+
+    A CLIP folder that is absent locally is fine when the config names a hub id (transformers will
+    fetch or use its cache); the three UniDiffuser checkpoints must be files in models/.
+    """
+    missing = [item for item in weight_items(config) if item.key in needed and not item.present
+               and not (item.filename is None and item.repo_id)]
+    if missing:
+        listing = "\n".join(f"  - {item.path}" for item in missing)
+        raise CheckpointError(f"missing model weights:\n{listing}\n  -> {DOWNLOAD_HINT}")
+
+
+def _hf_file(item: WeightItem) -> None:
+    from huggingface_hub import hf_hub_download
+
+    hf_hub_download(repo_id=item.repo_id, filename=item.filename, local_dir=item.path.parent)
+    fetched = item.path.parent / item.filename
+    if fetched != item.path:
+        fetched.replace(item.path)
+
+
+def _hf_folder(item: WeightItem) -> None:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(repo_id=item.repo_id, local_dir=item.path, allow_patterns=HF_FOLDER_PATTERNS)
+
+
+def download_weights(config, only: Sequence[str] | None = None,
+                     fetch_file: Callable[[WeightItem], None] = _hf_file,
+                     fetch_folder: Callable[[WeightItem], None] = _hf_folder,
+                     log: Callable[[str], None] = print) -> list[WeightItem]:
+    """Download what is missing; returns the items fetched. Present items are skipped and reported."""
+    fetched = []
+    for item in weight_items(config):
+        if only and item.key not in only:
+            continue
+        if item.present:
+            log(f"present   {item.path}")
+            continue
+        if not item.repo_id:
+            raise CheckpointError(f"{item.path} is missing and config {config.name!r} names no hub repository for it")
+        source = f"{item.repo_id}/{item.filename}" if item.filename else item.repo_id
+        log(f"fetching  {source} -> {item.path}")
+        (fetch_file if item.filename else fetch_folder)(item)
+        if not item.present:
+            raise CheckpointError(f"download of {source} finished but {item.path} is still missing")
+        fetched.append(item)
+    log(f"done: {len(fetched)} fetched, models in {resolve_path('models')}")
+    return fetched
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="unidiffuser_v1")
+    parser.add_argument("--only", nargs="+", choices=["nnet", "autoencoder", "caption_decoder", "clip_text", "clip_img"])
+    args = parser.parse_args()
+    try:
+        download_weights(load_config(args.config), args.only)
+    except Exception as error:  # noqa: BLE001 - network/auth errors become one readable line
+        raise SystemExit(f"download failed: {error}") from error
+
+
+if __name__ == "__main__":
+    main()
