@@ -1,0 +1,117 @@
+"""The whole pipeline, end to end, on the tiny world and the committed public-domain photos.
+
+    make demo            (or: python -m libs.demo [--workdir demo_run] [--train_step 30])
+
+Runs the same command lines a contestant runs, with `--config tiny`: build the tiny model set,
+prepare a demo subject (augmented copies of the astronaut portrait) and a class set (Grace Hopper),
+crop (offline face detector), train.py, sample.py, score.py (offline dlib face backend). With the
+real weights in models/, the real pipeline is `./train.sh && ./sample.sh && python score.py`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image, ImageEnhance, ImageOps
+
+from libs.config import REPO_ROOT
+from libs.tiny_world import build_tiny_world
+
+ASSETS = REPO_ROOT / "assets" / "demo"
+SUBJECT = "girl_demo"
+CLASS_WORD = "girl"
+DEMO_PROMPTS = [
+    "a photo of a girl",
+    "a girl standing in the wild",
+    "a girl wearing a red hat, oil painting",
+]
+
+
+def augmented_views(image: Image.Image) -> list[Image.Image]:
+    """A few distinct 'photos' of one person from one portrait: mirror, zoom, light, tilt."""
+    width, height = image.size
+    zoom = image.crop((width // 8, height // 10, width - width // 8, height - height // 20))
+    return [
+        image,
+        ImageOps.mirror(image),
+        zoom,
+        ImageEnhance.Brightness(image).enhance(1.25),
+        image.rotate(6, resample=Image.BICUBIC, fillcolor=(255, 255, 255)),
+    ]
+
+
+def prepare_demo_data(workdir: Path) -> dict[str, Path]:
+    """Write the demo subject photos, the class set and the prompt file under `workdir`."""
+    photos = workdir / "train_data" / SUBJECT
+    photos.mkdir(parents=True, exist_ok=True)
+    for i, view in enumerate(augmented_views(Image.open(ASSETS / "astronaut.jpg").convert("RGB"))):
+        view.save(photos / f"photo_{i}.jpg", quality=92)
+
+    class_dir = workdir / "class_data" / CLASS_WORD
+    (class_dir / "images").mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, view in enumerate(augmented_views(Image.open(ASSETS / "grace_hopper.jpg").convert("RGB"))):
+        names.append(f"class_{i}.jpg")
+        view.save(class_dir / "images" / names[-1], quality=92)
+    (class_dir / "images.txt").write_text("\n".join(names) + "\n")
+    (class_dir / "caption.txt").write_text("\n".join(f"a photo of a {CLASS_WORD}" for _ in names) + "\n")
+
+    prompts = workdir / "eval_prompts" / f"{SUBJECT}.json"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    prompts.write_text(json.dumps(DEMO_PROMPTS, indent=1))
+    return {"photos": photos, "class_dir": class_dir, "prompts": prompts}
+
+
+def run(step: str, args: Sequence[str]) -> None:
+    """One pipeline step as a user would type it (the same Python, from the repository root)."""
+    command = [sys.executable, *map(str, args)]
+    print(f"\n=== {step}: {' '.join(command[1:])}", flush=True)
+    started = time.perf_counter()
+    subprocess.run(command, cwd=REPO_ROOT, check=True)
+    print(f"=== {step} done in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict[str, Path]:
+    """Every step of the real flow on the tiny world; returns where the artefacts are."""
+    workdir = workdir.resolve()
+    print(f"tiny world: {build_tiny_world('tiny')}")
+    data = prepare_demo_data(workdir)
+    crops = workdir / "train_data_crop"
+    model_out = workdir / "model_output" / SUBJECT
+    outputs = workdir / "outputs"
+    run("crop", ["-m", "libs.preprocess", "crop", "-i", workdir / "train_data", "-o", crops,
+                 "--no_rembg", "--face_backend", "dlib", "--size", "256"])
+    run("train", ["train.py", "--config", "tiny", "-d", crops / SUBJECT, "-o", model_out,
+                  "--class_data_dir", data["class_dir"], "--num_class_images", "5", "--train_step", str(train_step),
+                  "--overwrite"])
+    run("sample", ["sample.py", "--config", "tiny", "--restore_path", model_out, "--prompt_path", data["prompts"],
+                   "--output_path", outputs / SUBJECT, "--steps", str(sample_steps), "--skip_existing"])
+    run("score", ["score.py", "--config", "tiny", "--dataset", workdir / "train_data", "--prompts",
+                  workdir / "eval_prompts", "--outputs", outputs, "--tasks", SUBJECT, "--face_backend", "dlib"])
+    return {"crops": crops / SUBJECT, "personalization": model_out, "images": outputs / SUBJECT,
+            "grid": outputs / SUBJECT / "grid.jpg", "report": outputs / "score_report.html"}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "demo_run", help="where the demo writes everything")
+    parser.add_argument("--train_step", type=int, default=30)
+    parser.add_argument("--sample_steps", type=int, default=6)
+    args = parser.parse_args(argv)
+    try:
+        artefacts = run_demo(args.workdir, args.train_step, args.sample_steps)
+    except subprocess.CalledProcessError as error:
+        raise SystemExit(f"demo stopped: step `{' '.join(map(str, error.cmd[1:3]))}` failed (exit {error.returncode})") from error
+    print("\nDemo finished (tiny random models: the pictures are noise-like, the pipeline is real).")
+    for name, path in artefacts.items():
+        print(f"  {name:16s} {path}")
+    print("With the real weights in models/ (python -m libs.download): ./train.sh && ./sample.sh && python score.py")
+
+
+if __name__ == "__main__":
+    main()
