@@ -354,7 +354,10 @@ def _load_reference_entry(restore_path: Path, nnet: nn.Module, text_encoder: CLI
         meta["source_files"].append(lora_file.name)
     if token is not None:
         name, rows = token
-        text_encoder.add_modifier_token(name, rows, num_vectors=rows.shape[0])
+        try:
+            text_encoder.add_modifier_token(name, rows, num_vectors=rows.shape[0])
+        except ValueError as error:
+            raise CheckpointError(f"{restore_path}: cannot add token {name!r}: {error}") from error
         meta["source_files"].extend(p.name for p in _reference_token_files(restore_path))
     nnet.eval()
     text_encoder.eval()
