@@ -12,7 +12,6 @@ prompts are added after it or other prompts are edited, nor with the batch size.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import re
 import resource
@@ -34,6 +33,8 @@ from libs.caption_decoder import CaptionDecoderPrefix, load_caption_decoder
 from libs.checkpoint import atomic_path
 from libs.clip import CLIPTextEncoder, load_text_encoder
 from libs.dpm_solver import N_TRAIN_STEPS, dpm_solver_sample
+from libs.prompts import image_name
+from libs.prompts import load_prompts as read_prompt_file
 from libs.uvit import load_uvit
 
 CFG_MODES = ("true_uncond", "empty_token")
@@ -223,19 +224,8 @@ def generate_images(config, prompts: list[str], seeds: list[int], device: str | 
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """The competition's prompt file: a non-empty JSON list of strings (the index is the prompt id)."""
-    path = Path(path)
-    if not path.is_file():
-        raise SamplingInputError(f"prompt file not found: {path}")
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SamplingInputError(f"prompt file {path} is not valid JSON: {error}") from error
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise SamplingInputError(f"prompt file {path} must hold a JSON list of strings")
-    if not prompts:
-        raise SamplingInputError(f"prompt file {path} holds no prompts")
-    return prompts
+    """The competition's prompt file (libs.prompts), problems raised as SamplingInputError."""
+    return read_prompt_file(path, SamplingInputError)
 
 
 def rewrite_prompt(prompt: str, token: str | None, class_words: Sequence[str] = DEFAULT_CLASS_WORDS) -> str:
@@ -244,10 +234,6 @@ def rewrite_prompt(prompt: str, token: str | None, class_words: Sequence[str] = 
         return prompt
     words = "|".join(re.escape(w) for w in class_words)
     return re.sub(rf"(?<!{re.escape(token)} )\b({words})\b", rf"{token} \1", prompt, flags=re.IGNORECASE)
-
-
-def image_name(prompt_index: int, sample_index: int) -> str:
-    return f"{prompt_index}-{sample_index:03}.jpg"
 
 
 def check_output_path(path: str | Path) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import html
 import io
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from libs.checkpoint import DOWNLOAD_HINT, atomic_path, save_json
 from libs.clip import MAX_LENGTH, clip_image_preprocess, quiet_transformers, resolve_pretrained
 from libs.config import DEFAULT_CONFIG, load_config
 from libs.face import INSIGHTFACE_ROOT, FaceBackend, get_face_backend
+from libs.prompts import image_name
+from libs.prompts import load_prompts as read_prompt_file
 
 DEFAULT_TASKS = ("boy1", "boy2", "girl1", "girl2")
 ADVANCED_SPLITS = ("sim", "edit")
@@ -74,24 +75,13 @@ def reference_photos(ref_dir: str | Path) -> list[Path]:
 
 
 def load_prompts(path: str | Path) -> list[str]:
-    """A prompt file is a JSON list of strings; the prompt index is the list position."""
-    path = Path(path)
-    if not path.is_file():
-        raise ScoringError(f"prompt file not found: {path}")
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ScoringError(f"cannot read prompt file {path}: {error}") from error
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise ScoringError(f"prompt file {path} must hold a JSON list of strings")
-    if not prompts:
-        raise ScoringError(f"prompt file {path} holds no prompts")
-    return prompts
+    """The competition's prompt file (libs.prompts), problems raised as ScoringError."""
+    return read_prompt_file(path, ScoringError)
 
 
 def generated_image_path(output_dir: str | Path, prompt_index: int, idx: int) -> Path:
     """`outputs/<task>/{prompt_index}-{idx:03}.jpg`, as sample.py writes it."""
-    return Path(output_dir) / f"{prompt_index}-{idx:03}.jpg"
+    return Path(output_dir) / image_name(prompt_index, idx)
 
 
 # --- results -------------------------------------------------------------------------------------
