@@ -54,4 +54,25 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
     config.sample.steps = 6
+    # toy-sized training: a few steps, small batches, large learning rates so a short run visibly learns
+    config.train.update(
+        crop="center",  # the tests' photos need no face detector
+        min_image_side=32,
+        num_class_images=4,
+        rank=4,
+        alpha=4.0,
+        text_lora_rank=2,
+        text_lora_alpha=2.0,
+        train_step=8,
+        batch_size=2,
+        class_batch_size=2,
+        lr=1e-3,
+        text_lr=1e-2,
+        warmup_steps=0,
+        encode_batch_size=4,
+        log_every=1,
+        checkpointing_steps=4,
+        validation_steps=0,
+        validation_prompts=("a photo of a {class_word}", "a {class_word} standing in the wild"),
+    )
     return config
