@@ -34,13 +34,18 @@ def resolve_pretrained(local: str, hub_id: str, what: str) -> str:
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Loading one tower from a full CLIPModel folder is intended; hide transformers' unused-key report."""
+    """Loading one tower from a full CLIPModel folder is intended: hide transformers' unused-key report
+    and its per-load progress bars."""
     previous = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def clip_image_preprocess(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:

@@ -8,6 +8,7 @@ from pathlib import Path
 import ml_collections
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from libs.config import load_config
@@ -16,6 +17,15 @@ from libs.tiny_world import build_tiny_world
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: full-size or end-to-end checks (run in CI; skip locally with -m 'not slow')")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy-sized ops gain nothing from threads, and on shared cores thread hand-offs dominate: run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +44,20 @@ def tiny_config(tiny_world: Path) -> ml_collections.ConfigDict:
     config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
     config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
     return copy.deepcopy(config)
+
+
+@pytest.fixture()
+def tiny_config_file(tiny_config: ml_collections.ConfigDict, tmp_path: Path) -> Path:
+    """A config file for the scripts' --config flag: the tiny config with the session's tiny-world paths."""
+    path = tmp_path / "tiny_test_config.py"
+    path.write_text(
+        "from libs.config import load_config\n\n\n"
+        "def get_config():\n"
+        "    config = load_config('tiny')\n"
+        f"    config.paths.update({tiny_config.paths.to_dict()!r})\n"
+        "    return config\n"
+    )
+    return path
 
 
 def _astronaut() -> Image.Image:

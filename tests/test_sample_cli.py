@@ -30,27 +30,9 @@ NAME = re.compile(r"(\d+)-(\d{3})\.jpg")
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads, and on shared cores thread hand-offs dominate: run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
-def config_file(tiny_config, tmp_path) -> Path:
-    """A config file for --config: the tiny config with the session's tiny-world paths."""
-    path = tmp_path / "tiny_test_config.py"
-    path.write_text(
-        "from libs.config import load_config\n\n\n"
-        "def get_config():\n"
-        "    config = load_config('tiny')\n"
-        f"    config.paths.update({tiny_config.paths.to_dict()!r})\n"
-        "    return config\n"
-    )
-    return path
+def config_file(tiny_config_file: Path) -> Path:
+    return tiny_config_file
 
 
 @pytest.fixture()

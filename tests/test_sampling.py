@@ -21,15 +21,6 @@ STEPS = 4
 BATCH = 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops gain nothing from threads, and on shared cores thread hand-offs dominate: run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def nnet(tiny_config):
     return load_uvit(tiny_config)

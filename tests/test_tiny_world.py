@@ -75,3 +75,16 @@ def test_download_refuses_items_without_a_source(tmp_path):
     with pytest.raises(CheckpointError, match="names no hub repository"):
         download_weights(config, only=["clip_text"], log=lambda _: None)
     assert {i.key for i in weight_items(config)} == {"nnet", "autoencoder", "caption_decoder", "clip_text", "clip_img"}
+
+
+def test_atomic_writes_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    from libs.checkpoint import save_json
+
+    save_json({"a": 1}, tmp_path / "x.json")
+    mode = stat.S_IMODE((tmp_path / "x.json").stat().st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask

@@ -30,15 +30,6 @@ from libs.dpm_solver import stable_diffusion_betas
 from libs.uvit import build_uvit, load_uvit
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy-sized ops are dominated by thread hand-offs on shared CPUs: one thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def photos(tmp_path, public_photos) -> Path:
     folder = tmp_path / "train_data" / "boy1"
@@ -163,29 +154,15 @@ def test_real_model_lora_sizes():
 # --- end to end -----------------------------------------------------------------------------------
 
 
-def write_config_file(tmp_path: Path, tiny_world: Path) -> Path:
-    path = tmp_path / "tiny_here.py"
-    path.write_text(
-        "from configs.tiny import get_config as tiny\n\n\ndef get_config():\n    config = tiny()\n"
-        f"    root = {str(tiny_world)!r}\n"
-        "    config.paths.nnet = f'{root}/uvit_v1.pth'\n"
-        "    config.paths.autoencoder = f'{root}/autoencoder_kl.pth'\n"
-        "    config.paths.caption_decoder = f'{root}/caption_decoder.pth'\n"
-        "    config.paths.clip_text = f'{root}/clip-vit-large-patch14'\n"
-        "    config.paths.clip_img = f'{root}/clip-vit-base-patch32'\n"
-        "    return config\n")
-    return path
-
-
 def run_cli(args: list[str], launcher: list[str] | None = None, env: dict[str, str] | None = None):
     command = (launcher or [sys.executable]) + [str(REPO_ROOT / "train.py"), *args]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
 
 
-def test_cli_writes_what_sample_py_loads(tmp_path, tiny_world, tiny_config, photos, class_dir):
+def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config, photos, class_dir):
     """fp16 as train.sh runs it: frozen weights in fp16, trained tensors in fp32, a loss scaler."""
-    config_file = write_config_file(tmp_path, tiny_world)
+    config_file = tiny_config_file
     out = tmp_path / "model_output" / "boy1"
     args = ["--config", str(config_file), "-d", str(photos), "-o", str(out), "--class_data_dir", str(class_dir),
             "--train_step", "3", "--validation_steps", "2", "--mixed_precision", "fp16"]
@@ -298,14 +275,14 @@ def test_text_encoder_modes_count_what_they_train(tiny_config, photos, class_dir
 
 
 @pytest.mark.slow
-def test_two_processes_with_gloo(tmp_path, tiny_world, tiny_config, photos, class_dir):
+def test_two_processes_with_gloo(tmp_path, tiny_config_file, tiny_config, photos, class_dir):
     """accelerate's torchrun launcher with two CPU processes (gloo); only the main process writes.
     (`accelerate launch --cpu --num_processes 2` starts one process unless mpirun is set up.)"""
     out = tmp_path / "out"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(29_500 + os.getpid() % 1000)]
-    done = run_cli(["--config", str(write_config_file(tmp_path, tiny_world)), "-d", str(photos), "-o", str(out),
+    done = run_cli(["--config", str(tiny_config_file), "-d", str(photos), "-o", str(out),
                     "--class_data_dir", str(class_dir), "--train_step", "3"],
                    launcher=launcher, env={"ACCELERATE_USE_CPU": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -315,7 +292,7 @@ def test_two_processes_with_gloo(tmp_path, tiny_world, tiny_config, photos, clas
 
 
 @pytest.mark.slow
-def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_world, public_photos):
+def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, public_photos):
     """From another working directory; crops preferred over raw photos; stops at the first failure; a re-run
     skips finished subjects; extra flags reach train.py."""
     repo = tmp_path / "repo"
@@ -334,7 +311,7 @@ def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_world, public_p
     subject(repo / "train_data" / "boy2")
     (repo / "train_data" / "boy1").mkdir(parents=True)  # empty: must not be used, the crops exist
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
-    command = [str(repo / "train.sh"), "--config", str(write_config_file(tmp_path, tiny_world)), "--train_step", "1"]
+    command = [str(repo / "train.sh"), "--config", str(tiny_config_file), "--train_step", "1"]
 
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 1
