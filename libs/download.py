@@ -18,6 +18,9 @@ from libs.config import load_config, resolve_path
 UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"
 # files of the Hugging Face model folders that transformers needs (no TF/Flax/.bin duplicates)
 HF_FOLDER_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
+# what each entry script needs (checked at its start)
+SAMPLING_WEIGHTS = ("nnet", "autoencoder", "caption_decoder", "clip_text")
+TRAINING_WEIGHTS = (*SAMPLING_WEIGHTS, "clip_img")
 
 
 @dataclass

@@ -32,6 +32,7 @@ from libs.autoencoder import AutoencoderKL, load_autoencoder
 from libs.caption_decoder import CaptionDecoderPrefix, load_caption_decoder
 from libs.checkpoint import atomic_path
 from libs.clip import CLIPTextEncoder, load_text_encoder
+from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.dpm_solver import N_TRAIN_STEPS, dpm_solver_sample
 from libs.prompts import image_name
 from libs.prompts import load_prompts as read_prompt_file
@@ -193,6 +194,7 @@ def load_pipeline(config, device: str | torch.device, restore_path: str | Path |
                   count_parameters: bool = False) -> T2IPipeline:
     """Load every model once (fp32, on the CPU), apply the personalization in `restore_path`, count the
     changed parameters (spec §7) if asked, then merge the adapters and move/cast for speed."""
+    ensure_weights(config, SAMPLING_WEIGHTS)
     device = torch.device(device)
     nnet = load_uvit(config, "cpu")
     text_encoder = load_text_encoder(config, "cpu")

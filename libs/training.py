@@ -39,10 +39,11 @@ from libs import adapters
 from libs.adapters import LoraSpec, add_lora, save_personalization, text_lora_modules, uvit_lora_modules
 from libs.autoencoder import load_autoencoder
 from libs.caption_decoder import load_caption_decoder
-from libs.checkpoint import (atomic_path, file_sha256, load_safetensors, require_file, save_json,
+from libs.checkpoint import (atomic_path, file_sha256, load_safetensors, save_json,
                              save_safetensors)
 from libs.clip import load_image_encoder, load_text_encoder, resolve_pretrained
 from libs.config import resolve_path
+from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.data import ImageEncoder, LatentSource, TrainImage, describe_sources, load_class_images, load_instance_images
 from libs.dpm_solver import N_TRAIN_STEPS, stable_diffusion_betas
 from libs.sampling import T2IPipeline, rewrite_prompt, sample_generator
@@ -133,9 +134,7 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
         raise TrainingError(f"resolution must be a multiple of 16 (VAE factor 8 x patch 2), got {config.resolution}")
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: pick one")
-    for key, what in (("nnet", "U-ViT checkpoint (uvit_v1.pth)"), ("autoencoder", "autoencoder (autoencoder_kl.pth)"),
-                      ("caption_decoder", "caption decoder (caption_decoder.pth)")):
-        require_file(resolve_path(config.paths[key]), what)  # now, not after the photos are read
+    ensure_weights(config, TRAINING_WEIGHTS)  # now, not after the photos are read
 
     class_word = cfg.class_word or class_word_from_path(data_dir)
     token = cfg.modifier_token if cfg.text_encoder_mode != "frozen" else None
