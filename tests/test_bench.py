@@ -1,0 +1,69 @@
+"""The bench scripts run end to end at tiny size and write result lines with the documented fields.
+
+Timing values are never checked (they depend on the machine and its load); only that every line is
+complete, that each run measured its baseline, and that the FLOP formula the docs quote is exact.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import bench_sampling, bench_training, bench_uvit
+from bench.common import RESULT_FIELDS, bench_config, counted_flops, uvit_forward_flops, uvit_inputs
+from libs.uvit import UViT
+
+COMMON = ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--threads", "1"]
+
+
+def read_lines(folder: Path, bench: str) -> list[dict]:
+    return [json.loads(line) for line in (folder / f"{bench}.jsonl").read_text().splitlines()]
+
+
+def check_lines(lines: list[dict], bench: str, extra: tuple[str, ...]) -> None:
+    assert lines, f"{bench} wrote no result line"
+    assert len({line["run_id"] for line in lines}) == 1
+    for line in lines:
+        missing = [f for f in RESULT_FIELDS + extra if f not in line]
+        assert not missing, f"{line['config']}: missing {missing}"
+        assert line["bench"] == bench and line["size"] == "tiny" and line["device"] == "cpu"
+        assert len(line["times_s"]) == line["repeats"] == 1
+        assert line["median_s"] > 0 and line["peak_mem_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_bench_scripts_write_complete_lines(tmp_path: Path) -> None:
+    out = ["--results-dir", str(tmp_path)]
+    bench_uvit.main(COMMON + out + ["--dtypes", "fp32", "bf16"])
+    lines = read_lines(tmp_path, "bench_uvit")
+    check_lines(lines, "bench_uvit", ("pass", "dtype", "attention", "checkpointing", "samples_per_s", "tflops_per_s"))
+    assert {line["config"] for line in lines} >= {"fwd/fp32/math", "fwd_bwd/fp32/math", "fwd_bwd/bf16/sdpa/ckpt"}
+    assert all(line["speedup_vs_baseline"] == 1.0 for line in lines if line["baseline"])
+
+    bench_sampling.main(COMMON + out + ["--steps", "2", "--modes", "pipeline", "unbatched_cfg", "inference_mode"])
+    lines = read_lines(tmp_path, "bench_sampling")
+    check_lines([l for l in lines if not l["config"].startswith("load/")], "bench_sampling",
+                ("text_s", "denoise_s", "decode_s", "s_per_prompt", "s_per_prompt_at_50_steps",
+                 "speedup_vs_pipeline", "standalone_peak_est_bytes", "denoise_tflops_per_s"))
+    assert [l["config"] for l in lines] == ["baseline", "pipeline", "unbatched_cfg", "inference_mode",
+                                            "load/official_gpt2", "load/prefix_only"]
+    assert lines[0]["mode"]["batched_cfg"] is False and lines[1]["mode"]["merged"] is True
+
+    bench_training.main(COMMON + out + ["--modes", "default", "no_cache"])
+    lines = read_lines(tmp_path, "bench_training")
+    check_lines(lines, "bench_training", ("steps_per_s", "projected_s_per_subject", "encode_s_per_view",
+                                          "subject_speedup_vs_baseline", "lora_rank"))
+    assert [l["config"] for l in lines] == ["baseline", "default", "no_cache"]
+    assert lines[0]["lora_rank"] == 64 and lines[0]["mode"]["cached"] is False
+
+
+@pytest.mark.parametrize("size", ["tiny", "full"])
+def test_flop_formula_matches_torch_counter(size: str) -> None:
+    """docs/benchmarks.md quotes uvit_forward_flops; torch's counter on the meta device must agree."""
+    config = bench_config(size)
+    with torch.device("meta"):
+        nnet = UViT(**config.nnet)
+        inputs = uvit_inputs(config, 2, torch.device("meta"))
+        assert counted_flops(lambda: nnet(*inputs)) == uvit_forward_flops(config.nnet, 2)
