@@ -12,10 +12,11 @@ from pathlib import Path
 
 import torch
 
-from libs.checkpoint import CheckpointError
 from libs.config import DEFAULT_CONFIG, apply_overrides, load_config
-from libs.sampling import (CFG_MODES, SamplingInputError, check_output_path, load_pipeline, load_prompts,
-                           sample_prompts)
+from libs.errors import run_cli
+from libs.prompts import load_prompts
+from libs.sample_files import SamplingInputError, check_output_path, sample_prompts
+from libs.sampling import CFG_MODES, load_pipeline
 
 
 def positive_int(text: str) -> int:
@@ -48,19 +49,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    try:
-        config = load_config(args.config)
-        apply_overrides(config, {"paths.nnet": args.nnet_path, "sample.steps": args.steps, "sample.scale": args.scale,
-                                 "sample.cfg_mode": args.cfg_mode, "sample.n_samples": args.n_samples,
-                                 "sample.batch_size": args.batch_size, "seed": args.seed})
-        prompts = load_prompts(args.prompt_path)
-        output_path = check_output_path(args.output_path)
-        restore_path = Path(args.restore_path)
-        if not restore_path.is_dir():
-            raise SamplingInputError(f"restore path {restore_path} is not a folder (pass the -o folder of train.py)")
-        pipeline = load_pipeline(config, args.device, restore_path, count_parameters=True)
-    except (SamplingInputError, CheckpointError, FileNotFoundError) as error:
-        raise SystemExit(f"sample.py: error: {error}") from error
+    config = load_config(args.config)
+    apply_overrides(config, {"paths.nnet": args.nnet_path, "sample.steps": args.steps, "sample.scale": args.scale,
+                             "sample.cfg_mode": args.cfg_mode, "sample.n_samples": args.n_samples,
+                             "sample.batch_size": args.batch_size, "seed": args.seed})
+    prompts = load_prompts(args.prompt_path)
+    output_path = check_output_path(args.output_path)
+    restore_path = Path(args.restore_path)
+    if not restore_path.is_dir():
+        raise SamplingInputError(f"restore path {restore_path} is not a folder (pass the -o folder of train.py)")
+    pipeline = load_pipeline(config, args.device, restore_path, count_parameters=True)
     print(pipeline.personalization.describe())
     print(f"finetuned parameters: {pipeline.finetuned_parameters}")
     made = sample_prompts(pipeline, prompts, output_path, config.sample.n_samples, config.seed,
@@ -69,4 +67,4 @@ def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

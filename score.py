@@ -14,9 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from libs.checkpoint import CheckpointError
-from libs.face import BACKENDS, INSIGHTFACE_ROOT, FaceModelMissing
-from libs.scoring import DEFAULT_TASKS, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, ScoreResult, ScoringError, score_outputs
+from libs.errors import run_cli
+from libs.face import BACKENDS, INSIGHTFACE_ROOT
+from libs.scoring import DEFAULT_TASKS, REPORT_HTML, RESULTS_CSV, RESULTS_JSON, ScoreResult, score_outputs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,21 +54,17 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def main(args: argparse.Namespace) -> ScoreResult:
-    try:
-        with warnings.catch_warnings():
-            warnings.showwarning = _print_warning
-            warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")  # its skimage deprecation
-            result = score_outputs(args.dataset, args.prompts, args.outputs, tasks=args.tasks,
-                                   advanced=True if args.advanced else None, face_backend=args.face_backend,
-                                   clip_model=args.clip_model, device=args.device, config=args.config,
-                                   insightface_root=args.insightface_root)
-    except (ScoringError, FaceModelMissing, CheckpointError) as error:
-        print(f"score.py: {error}", file=sys.stderr)
-        raise SystemExit(2) from error
+    with warnings.catch_warnings():
+        warnings.showwarning = _print_warning
+        warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")  # its skimage deprecation
+        result = score_outputs(args.dataset, args.prompts, args.outputs, tasks=args.tasks,
+                               advanced=True if args.advanced else None, face_backend=args.face_backend,
+                               clip_model=args.clip_model, device=args.device, config=args.config,
+                               insightface_root=args.insightface_root)
     print_result(result)
     print(f"reports: {Path(args.outputs) / REPORT_HTML} (+ {RESULTS_JSON}, {RESULTS_CSV})")
     return result
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(lambda: main(parse_args()))

@@ -10,16 +10,15 @@ uvit_lora.safetensors, token_embeddings.safetensors), train_config.json, logs/ a
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Sequence
 
 import ml_collections
 
-from libs.adapters import BLOCK_TARGETS, TOP_LEVEL_TARGETS
-from libs.checkpoint import CheckpointError
 from libs.config import DEFAULT_CONFIG, apply_overrides, load_config
-from libs.data import CROP_MODES, DataError
-from libs.training import SCHEDULERS, TEXT_MODES, TrainingError, train
+from libs.data import CROP_MODES
+from libs.errors import run_cli
+from libs.lora import BLOCK_TARGETS, TOP_LEVEL_TARGETS
+from libs.training import SCHEDULERS, TEXT_MODES, train
 
 # flag -> config key; flags left out keep the config's value
 TOP_LEVEL = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -140,16 +139,11 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
     return apply_overrides(config, overrides)
 
 
-def main(args: argparse.Namespace) -> int:
-    try:
-        config = config_from_args(args)
-        train(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
-              mixed_precision=args.mixed_precision)
-    except (TrainingError, DataError, CheckpointError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+def main(args: argparse.Namespace) -> None:
+    config = config_from_args(args)
+    train(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
+          mixed_precision=args.mixed_precision)
 
 
 if __name__ == "__main__":
-    sys.exit(main(parse_args()))
+    run_cli(lambda: main(parse_args()))

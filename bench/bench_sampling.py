@@ -41,12 +41,17 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from bench.common import (DTYPES, H100_BF16_DENSE_FLOPS, Stopwatch, autocast, bench_config, common_parser,
                           fmt_float, fmt_str, gib, interleaved_runs, median, print_table, random_checkpoints,
                           size_summary, start, timing_fields, uvit_forward_flops, write_result)
-from libs.adapters import LoraSpec, add_lora, load_personalization, merge_lora, save_personalization, uvit_lora_modules
-from libs.caption_decoder import PREFIX, CaptionDecoderPrefix, load_caption_decoder
-from libs.dpm_solver import N_TRAIN_STEPS, dpm_solver_sample
-from libs.sampling import (T2IPipeline, combine_joint, inference_dtype, load_pipeline, sample_generator, split_joint,
-                           t2i_sample, to_pil_images)
-from libs.uvit import load_uvit
+from libs.config import latent_shape
+from libs.diffusion import N_TRAIN_STEPS
+from libs.diffusion import keyed_generator as sample_generator
+from libs.dpm_solver import dpm_solver_sample
+from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.models.caption_decoder import CaptionDecoderPrefix
+from libs.models.loading import CAPTION_DECODER_PREFIX as PREFIX
+from libs.models.loading import load_caption_decoder, load_uvit
+from libs.personalization import load_personalization, save_personalization
+from libs.precision import inference_dtype
+from libs.sampling import T2IPipeline, combine_joint, load_pipeline, split_joint, t2i_sample, to_pil_images
 
 BENCH = "bench_sampling"
 PROMPT = "a photo of a boy standing in the wild, smiling at the camera"
@@ -179,7 +184,7 @@ def make_run(mode: Mode, pipeline: T2IPipeline, networks: Networks, n_images: in
     def bench_loop() -> None:
         gens = generators()
         with torch.inference_mode() if mode.inference_mode else torch.no_grad():
-            z_init = torch.stack([torch.randn(tuple(config.z_shape), generator=g) for g in gens]).to(device)
+            z_init = torch.stack([torch.randn(latent_shape(config), generator=g) for g in gens]).to(device)
             clip_img_init = torch.stack([torch.randn(1, config.clip_img_dim, generator=g) for g in gens]).to(device)
 
             def text_noise(text: Tensor) -> Tensor:

@@ -41,9 +41,9 @@ from bench.common import (DTYPES, bench_config, common_parser, fmt_float, fmt_st
                           print_table, random_checkpoints, size_summary, start, timing_fields, uvit_forward_flops,
                           write_result)
 from libs.data import TrainImage
-from libs.training import (BatchMaker, Models, Plan, TrainData, build_data, build_models, fill_prompt, loss_terms,
-                           make_optimizer, total_loss)
-from libs.training import autocast as training_autocast
+from libs.precision import autocast as training_autocast
+from libs.prompts import fill_prompt
+from libs.training import BatchMaker, Models, Plan, TrainData, build_data, build_models, loss_terms, make_optimizer, total_loss
 
 BENCH = "bench_training"
 TOKEN = "<new1>"

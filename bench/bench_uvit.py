@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from bench.common import (DTYPES, autocast, bench_config, common_parser, fmt_float, fmt_str, gib,
                           interleaved_runs, median, print_table, size_summary, start,
                           timing_fields, uvit_forward_flops, uvit_inputs, write_result)
-from libs.uvit import ATTENTION_MODES, UViT, build_uvit
+from libs.models.loading import build_uvit
+from libs.models.uvit import ATTENTION_MODES, UViT
 
 BENCH = "bench_uvit"
 PASSES = ("fwd", "fwd_bwd")

@@ -22,23 +22,24 @@ import statistics
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import ml_collections
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from libs.autoencoder import AutoencoderKL
-from libs.caption_decoder import PREFIX as CAPTION_PREFIX
-from libs.caption_decoder import CaptionDecoderPrefix
-from libs.clip import quiet_transformers
-from libs.config import REPO_ROOT, load_config
+from libs.config import REPO_ROOT, latent_shape, load_config
+from libs.models.autoencoder import AutoencoderKL
+from libs.models.caption_decoder import CaptionDecoderPrefix
+from libs.models.loading import CAPTION_DECODER_PREFIX as CAPTION_PREFIX
+from libs.models.loading import quiet_transformers
+from libs.models.uvit import UViT
+from libs.precision import autocast  # noqa: F401 - re-exported for the bench scripts
 from libs.tiny_world import write_clip_tokenizer
-from libs.uvit import UViT
 
 SIZES = ("tiny", "small", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,7 +88,7 @@ def size_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The architecture numbers a result line records, so lines of different sizes are never confused."""
     nnet = config.nnet
     return {"embed_dim": nnet.embed_dim, "depth": nnet.depth, "num_heads": nnet.num_heads,
-            "tokens": uvit_tokens(nnet), "z_shape": list(config.z_shape), "resolution": config.resolution,
+            "tokens": uvit_tokens(nnet), "z_shape": list(latent_shape(config)), "resolution": config.resolution,
             "vae_ch": config.autoencoder.ch, "clip_text_layers": config.bench_clip.text_layers}
 
 
@@ -144,7 +145,7 @@ def uvit_inputs(config: ml_collections.ConfigDict, batch: int, device: torch.dev
         return torch.randn(*shape, generator=generator).to(device)
 
     t_img = (torch.rand(batch, generator=generator) * 999 + 1).to(device)
-    return (randn(batch, *config.z_shape), randn(batch, 1, config.clip_img_dim),
+    return (randn(batch, *latent_shape(config)), randn(batch, 1, config.clip_img_dim),
             randn(batch, config.num_text_tokens, config.text_dim), t_img, torch.zeros(batch, device=device),
             torch.full((batch,), config.data_type, dtype=torch.long, device=device))
 
@@ -167,13 +168,6 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model} ({os.cpu_count()} logical CPUs)"
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
-    """Mixed-precision context for `dtype` (nothing for fp32)."""
-    if dtype == torch.float32:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def synchronize(device: torch.device) -> None:

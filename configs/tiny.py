@@ -21,7 +21,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.paths.clip_img = f"{TINY_MODELS}/clip-vit-base-patch32"
     config.paths.clip_img_hub = ""
 
-    config.z_shape = (4, 8, 8)
     config.resolution = 64
     config.clip_img_dim = 16
     config.clip_text_dim = 32

@@ -24,8 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # --- model facts (spec §4) ---
-    config.z_shape = (4, 64, 64)
-    config.resolution = 512  # pixels = 8 x latent size
+    config.resolution = 512  # pixels; the latent is 4 x resolution/8 x resolution/8 (libs.config.latent_shape)
     config.clip_img_dim = 512
     config.clip_text_dim = 768
     config.text_dim = 64

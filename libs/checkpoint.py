@@ -13,10 +13,12 @@ from typing import Any, Iterator, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
-DOWNLOAD_HINT = "run `python -m libs.download` to fetch the official weights into models/"
+from libs.errors import UserError
+
+DOWNLOAD_HINT = "run `python tools/download.py` to fetch the official weights into models/"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint file is missing, unreadable or does not match the model."""
 
 
@@ -28,38 +30,54 @@ def require_file(path: str | Path, what: str, hint: str = DOWNLOAD_HINT) -> Path
     return path
 
 
-def load_torch_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Load a pickled state_dict safely (`weights_only=True`), memory-mapped when possible."""
+def safe_torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> Any:
+    """`torch.load` with `weights_only=True` (a pickle can run code; this one cannot), errors naming the file.
+
+    `mmap` maps the file instead of reading it (zip-format files; legacy pickles fall back to a read)."""
     path = require_file(path, what)
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+                pass
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(f"cannot read {what} {path}: {error}") from error
+
+
+def load_torch_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Load a pickled state_dict safely, memory-mapped when possible."""
+    state = safe_torch_load(path, what, mmap=True)
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{what} {path} holds a {type(state).__name__}, expected a state_dict")
     return dict(state)
 
 
+def key_mismatches(expected: Mapping[str, Any], found: Mapping[str, Any]) -> list[str]:
+    """Missing / unexpected / shape-mismatched tensor names between two name->tensor (or shape) maps,
+    one readable line each kind; empty when they fit."""
+    def shape(value: Any) -> tuple[int, ...]:
+        return tuple(value.shape) if hasattr(value, "shape") else tuple(value)
+
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(f"{k}: file {shape(found[k])} vs model {shape(expected[k])}"
+                        for k in set(expected) & set(found) if shape(expected[k]) != shape(found[k]))
+    lines = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            lines.append(f"  {title}: {shown}")
+    return lines
+
+
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
     """`load_state_dict(strict=True)` with an error that names the missing/unexpected/mismatched keys."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    )
-    if missing or unexpected or mismatched:
-        lines = [f"{source} does not match {type(module).__name__} (is it the right file / config?)"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-                lines.append(f"  {title}: {shown}")
-        raise CheckpointError("\n".join(lines))
+    problems = key_mismatches(module.state_dict(), state)
+    if problems:
+        raise CheckpointError("\n".join([f"{source} does not match {type(module).__name__} "
+                                         "(is it the right file / config?)", *problems]))
     module.load_state_dict(state, strict=True, assign=_is_meta(module))
 
 

@@ -9,29 +9,24 @@ centre. A horizontal flip is a second cached *view* of the same image, not a per
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import Tensor
 
 from libs.checkpoint import CheckpointError, file_sha256, load_safetensors, save_safetensors
-from libs.clip import clip_image_preprocess
+from libs.errors import UserError
+from libs.class_set import MAKE_HINT, ClassSetError, load_class_set
+from libs.models.clip import clip_image_preprocess
+from libs.photos import Box, PhotoError, face_boxes, list_images, open_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-CROPS_FILE = "crops.json"  # written by `python -m libs.preprocess crop` beside the crops
 CROP_MODES = ("face", "center")
 CACHE_VERSION = 1  # bump when the encoding below changes, so old disk-cache entries are not reused
-
-Box = tuple[float, float, float, float]
-
-
-class DataError(ValueError):
-    """A photo folder or image is missing, empty, unreadable or too small; the message names the file."""
+DataError = PhotoError
 
 
 @dataclass(frozen=True)
@@ -48,75 +43,7 @@ class TrainImage:
         return [self.image, ImageOps.mirror(self.image)] if hflip else [self.image]
 
 
-# --- reading images ------------------------------------------------------------------------------
-
-
-def list_images(folder: str | Path, what: str = "photo") -> list[Path]:
-    """Image files of a flat folder, sorted; other files are ignored, but an empty result is an error."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise DataError(f"{what} folder not found: {folder}")
-    if not folder.is_dir():
-        raise DataError(f"{what} folder {folder} is a file, not a folder")
-    entries = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
-    images = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    if not images:
-        others = ", ".join(p.name for p in entries[:6]) + (" ..." if len(entries) > 6 else "")
-        found = f" (it holds only: {others})" if entries else " (it is empty)"
-        raise DataError(f"no {what}s ({', '.join(IMAGE_EXTENSIONS)}) in {folder}{found}")
-    return images
-
-
-def open_image(path: str | Path, min_side: int = 1) -> Image.Image:
-    """Upright RGB pixels of an image file; transparent pixels become white (background-removed PNGs)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as raw:
-            raw.load()
-            image = ImageOps.exif_transpose(raw)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    image = image.convert("RGB")
-    if min(image.size) < min_side:
-        raise DataError(f"image {path} is too small ({image.size[0]}x{image.size[1]}); "
-                        f"its short side must be at least {min_side} pixels")
-    return image
-
-
 # --- framing -------------------------------------------------------------------------------------
-
-
-def read_face_boxes(folder: str | Path) -> dict[str, Box]:
-    """Face boxes from the data-preparation step's `crops.json`, in the pixel coordinates of the files here.
-
-    An entry whose `output` is a file of this folder (a crop) has its source-photo face box mapped
-    through its `crop_box` onto the crop; an entry named after a file here keeps its box as it is.
-    """
-    path = Path(folder) / CROPS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        photos = json.loads(path.read_text()).get("photos", {})
-    except (OSError, ValueError, AttributeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from error
-    boxes: dict[str, Box] = {}
-    for source, entry in (photos.items() if isinstance(photos, dict) else []):
-        face = entry.get("face_box") if isinstance(entry, dict) else None
-        if not face or len(face) != 4:
-            continue
-        output, crop = entry.get("output"), entry.get("crop_box")
-        if output and crop and (Path(folder) / output).is_file():
-            with Image.open(Path(folder) / output) as image:
-                width, height = image.size
-            sx, sy = width / (crop[2] - crop[0]), height / (crop[3] - crop[1])
-            boxes[output] = ((face[0] - crop[0]) * sx, (face[1] - crop[1]) * sy,
-                             (face[2] - crop[0]) * sx, (face[3] - crop[1]) * sy)
-        elif (Path(folder) / source).is_file():
-            boxes[source] = tuple(float(v) for v in face)
-    return boxes
 
 
 class FaceDetector:
@@ -130,19 +57,19 @@ class FaceDetector:
     def name(self) -> str:
         return getattr(self._backend, "name", "none")
 
-    def largest_face(self, image: Image.Image) -> Box | None:
-        """The largest detected face (HOG detectors also fire on badges and prints), or None."""
+    def face_box(self, image: Image.Image) -> Box | None:
+        """The primary face's box (libs.face's one rule), or None."""
         if self._backend is None and self.unavailable is None:
             try:
                 from libs.face import get_face_backend
 
                 self._backend = get_face_backend("auto")
-            except (ImportError, FileNotFoundError, RuntimeError) as error:
+            except (ImportError, UserError, RuntimeError) as error:
                 self.unavailable = str(error).splitlines()[0]
         if self._backend is None:
             return None
-        faces = self._backend.detect(np.asarray(image))
-        return max(faces, key=lambda face: face.area).bbox if faces else None
+        face = self._backend.primary_face(np.asarray(image))
+        return face.bbox if face is not None else None
 
 
 def square_crop(image: Image.Image, resolution: int, face_box: Box | None = None) -> Image.Image:
@@ -172,14 +99,14 @@ def load_instance_images(folder: str | Path, resolution: int, crop: str = "face"
     if crop not in CROP_MODES:
         raise DataError(f"crop mode {crop!r} not in {CROP_MODES}")
     paths = list_images(folder)
-    boxes = read_face_boxes(folder) if crop == "face" else {}
+    boxes = face_boxes(folder) if crop == "face" else {}
     detector = FaceDetector()
     images = []
     for path in paths:
         image = open_image(path, min_side)
         box, how = boxes.get(path.name), "face (crops.json)"
         if box is None and crop == "face":
-            box, how = detector.largest_face(image), f"face ({detector.name})"
+            box, how = detector.face_box(image), f"face ({detector.name})"
             if box is None:
                 why = f"no face detector: {detector.unavailable}" if detector.unavailable else "no face found"
                 how = f"center ({why})"
@@ -193,8 +120,6 @@ def load_class_images(class_dir: str | Path, resolution: int, num_images: int, m
                       class_prompt: str = "") -> tuple[list[TrainImage], str | None]:
     """The first `num_images` images of a class set (centre crops) with their captions, or `class_prompt`
     for all of them when given. Returns the images and a warning when the set holds fewer."""
-    from libs.class_images import MAKE_HINT, ClassSetError, load_class_set
-
     try:
         pairs = load_class_set(class_dir)
     except ClassSetError as error:

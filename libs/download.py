@@ -1,19 +1,15 @@
-"""Fetch the official weights into models/ (skipping what is already there) and check for them.
-
-    python -m libs.download [--config unidiffuser_v1] [--only nnet autoencoder ...]
-
-Every entry script calls `ensure_weights` first, so a missing file is reported at start, by name,
-with this command — not as a stack trace deep inside a loader.
+"""The official weights: where each lives (from the config), fetching what is missing (tools/download.py)
+and the check every entry script runs first, so a missing file is reported at start, by name, with the
+command that fetches it — not as a stack trace deep inside a loader.
 """
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from libs.checkpoint import CheckpointError, DOWNLOAD_HINT
-from libs.config import load_config, resolve_path
+from libs.config import REPO_ROOT
 
 UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"
 # files of the Hugging Face model folders that transformers needs (no TF/Flax/.bin duplicates)
@@ -21,6 +17,7 @@ HF_FOLDER_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 # what each entry script needs (checked at its start)
 SAMPLING_WEIGHTS = ("nnet", "autoencoder", "caption_decoder", "clip_text")
 TRAINING_WEIGHTS = (*SAMPLING_WEIGHTS, "clip_img")
+WEIGHT_KEYS = TRAINING_WEIGHTS
 
 
 @dataclass
@@ -40,11 +37,11 @@ class WeightItem:
 def weight_items(config) -> list[WeightItem]:
     paths = config.paths
     return [
-        WeightItem("nnet", resolve_path(paths.nnet), UNIDIFFUSER_REPO, "uvit_v1.pth"),
-        WeightItem("autoencoder", resolve_path(paths.autoencoder), UNIDIFFUSER_REPO, "autoencoder_kl.pth"),
-        WeightItem("caption_decoder", resolve_path(paths.caption_decoder), UNIDIFFUSER_REPO, "caption_decoder.pth"),
-        WeightItem("clip_text", resolve_path(paths.clip_text), paths.clip_text_hub, None),
-        WeightItem("clip_img", resolve_path(paths.clip_img), paths.clip_img_hub, None),
+        WeightItem("nnet", Path(paths.nnet), UNIDIFFUSER_REPO, "uvit_v1.pth"),
+        WeightItem("autoencoder", Path(paths.autoencoder), UNIDIFFUSER_REPO, "autoencoder_kl.pth"),
+        WeightItem("caption_decoder", Path(paths.caption_decoder), UNIDIFFUSER_REPO, "caption_decoder.pth"),
+        WeightItem("clip_text", Path(paths.clip_text), paths.clip_text_hub, None),
+        WeightItem("clip_img", Path(paths.clip_img), paths.clip_img_hub, None),
     ]
 
 
@@ -96,20 +93,5 @@ def download_weights(config, only: Sequence[str] | None = None,
         if not item.present:
             raise CheckpointError(f"download of {source} finished but {item.path} is still missing")
         fetched.append(item)
-    log(f"done: {len(fetched)} fetched, models in {resolve_path('models')}")
+    log(f"done: {len(fetched)} fetched, models in {REPO_ROOT / 'models'}")
     return fetched
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="unidiffuser_v1")
-    parser.add_argument("--only", nargs="+", choices=["nnet", "autoencoder", "caption_decoder", "clip_text", "clip_img"])
-    args = parser.parse_args()
-    try:
-        download_weights(load_config(args.config), args.only)
-    except Exception as error:  # noqa: BLE001 - network/auth errors become one readable line
-        raise SystemExit(f"download failed: {error}") from error
-
-
-if __name__ == "__main__":
-    main()

@@ -24,21 +24,13 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-N_TRAIN_STEPS = 1000
-"""Number of discrete diffusion steps the network was trained with (t_net = t * N_TRAIN_STEPS)."""
+from libs.diffusion import N_TRAIN_STEPS, stable_diffusion_betas
 
 NoiseFn = Callable[[Tensor, Tensor], Tensor]
 """`noise_fn(x, t_net) -> epsilon`, with `t_net` a float tensor of shape [batch] in (0, 1000]."""
 
 Callback = Callable[[int, float, Tensor], None]
 """`callback(nfe_done, t, x)`, called after every solver update with the model calls used so far."""
-
-
-def stable_diffusion_betas(
-    linear_start: float = 0.00085, linear_end: float = 0.012, n_timestep: int = N_TRAIN_STEPS
-) -> Tensor:
-    """The "scaled linear" beta schedule of Stable Diffusion / UniDiffuser, in float64."""
-    return torch.linspace(linear_start**0.5, linear_end**0.5, n_timestep, dtype=torch.float64) ** 2
 
 
 def _interp(x: Tensor, xp: Tensor, fp: Tensor) -> Tensor:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from libs.errors import UserError
+
 INSIGHTFACE_MODEL = "buffalo_l"
 INSIGHTFACE_ROOT = "~/.insightface"
 INSIGHTFACE_DET_SIZE = (640, 640)
@@ -28,7 +30,7 @@ DLIB_SAME_PERSON_DISTANCE = 0.6  # dlib's documented decision threshold for its 
 BACKENDS = ("insightface", "dlib")
 
 
-class FaceModelMissing(FileNotFoundError):
+class FaceModelMissing(UserError):
     """The face models for a backend are not installed; the message says how to get them."""
 
 
@@ -49,6 +51,7 @@ class FaceBackend(abc.ABC):
 
     name: str
     comparable_with_competition: bool
+    min_score: float  # weaker detections are not faces (see primary_face)
 
     @abc.abstractmethod
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
@@ -58,10 +61,17 @@ class FaceBackend(abc.ABC):
     def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
         """Identity similarity of two embeddings from this backend (higher = more alike)."""
 
+    def primary_face(self, image: np.ndarray, min_score: float | None = None) -> DetectedFace | None:
+        """The one face every step uses (cropping, training's framing, scoring): the first face in `detect`'s
+        order (the competition's "first face") among detections scoring at least `min_score` (default: the
+        backend's `min_score`), None when there is none."""
+        threshold = self.min_score if min_score is None else min_score
+        return next((face for face in self.detect(image) if face.score >= threshold), None)
+
     def embed_first(self, image: np.ndarray) -> np.ndarray | None:
-        """Embedding of the first face (the competition's rule), None when no face is found."""
-        faces = self.detect(image)
-        return faces[0].embedding if faces else None
+        """Embedding of the primary face (the competition's rule), None when no face is found."""
+        face = self.primary_face(image)
+        return face.embedding if face is not None else None
 
 
 def _check_rgb(image: np.ndarray) -> np.ndarray:
@@ -99,6 +109,7 @@ class InsightFaceBackend(FaceBackend):
 
     name = "insightface"
     comparable_with_competition = True
+    min_score = 0.5  # insightface's own detection threshold: faces in `detect` already pass it
 
     def __init__(self, root: str | Path = INSIGHTFACE_ROOT, model_name: str = INSIGHTFACE_MODEL,
                  det_size: tuple[int, int] = INSIGHTFACE_DET_SIZE, providers: list[str] | None = None):
@@ -137,6 +148,7 @@ class DlibBackend(FaceBackend):
 
     name = "dlib"
     comparable_with_competition = False
+    min_score = 0.3  # HOG returns faint hits on textures (scores ~0.05-0.15); real frontal faces score ~1
 
     def __init__(self, upsample: int = 1, max_side: int = 1024, num_jitters: int = 1):
         try:

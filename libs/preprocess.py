@@ -1,7 +1,7 @@
 """Turn raw subject photos into training crops: EXIF-upright RGB, background removed, head-and-shoulders
 framing around the detected face, the training size without squashing the aspect ratio.
 
-    python -m libs.preprocess crop -i train_data -o train_data_crop [--size 512] [--no_rembg] ...
+The command line is tools/crop.py.
 
 `-i` is either a root holding one folder per subject (`train_data/<name>/`) or one subject folder
 (then the crops go straight into `-o`). Every output folder gets a `crops.json` recording, per photo,
@@ -10,36 +10,32 @@ and settings are unchanged, so the step is cheap to repeat and its result is rep
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
 import os
 import re
-import sys
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from libs.checkpoint import atomic_path, file_sha256, save_json
+from libs.errors import UserError
 
 PHOTO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 METADATA_NAME = "crops.json"
 # bump when the cropping/compositing code changes what it writes, so old crops are redone
-CROP_VERSION = 1
+CROP_VERSION = 2  # 2: face_box in the crop's pixels (source_face_box in the photo's)
 JPEG_QUALITY = 95
 # BiRefNet's portrait model: the best hair/edge quality among rembg's local models for people (MIT).
 DEFAULT_REMBG_MODEL = "birefnet-portrait"
 CUSTOM_REMBG_MODELS = ("u2net_custom", "dis_custom", "ben_custom")
 REMBG_RELEASES = "https://github.com/danielgatis/rembg/releases/tag/v0.0.0"
-# detections scoring lower are ignored: dlib's HOG returns faint hits on textures (scores ~0.05-0.15),
-# real frontal faces score ~1; insightface's detector already drops faces below 0.5
-MIN_FACE_SCORE = {"dlib": 0.3, "insightface": 0.5}
 STATUS_FACE = "face"  # face found, cropped around it
 STATUS_CENTER = "center"  # no face: center crop (--no_face center)
 STATUS_SKIPPED = "skipped"  # no face: no output (--no_face skip)
@@ -48,7 +44,7 @@ STATUS_ERROR = "error"  # the photo could not be read
 Box = tuple[float, float, float, float]
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(UserError):
     """A setup problem that stops the whole run (missing model, bad option), with the fix in the message."""
 
 
@@ -61,7 +57,7 @@ class CropSettings:
     face_y: float = 0.45  # face centre sits this fraction of the crop height from the top (headroom above)
     no_face: str = "center"  # "center" or "skip"
     face_backend: str = "auto"
-    min_face_score: float | None = None  # None: the backend's MIN_FACE_SCORE
+    min_face_score: float | None = None  # None: the backend's min_score (libs/face.py)
     rembg: bool = True
     rembg_model: str = DEFAULT_REMBG_MODEL
     rembg_model_path: str | None = None
@@ -137,6 +133,12 @@ def _slide_inside(start: float, length: float, limit: float) -> float:
     if length >= limit:
         return (limit - length) / 2
     return min(max(start, 0.0), limit - length)
+
+
+def box_in_crop(box: Sequence[float], crop: Box, out_size: tuple[int, int]) -> Box:
+    """A box in photo pixels expressed in the pixels of the crop rendered from `crop` at `out_size`."""
+    sx, sy = out_size[0] / (crop[2] - crop[0]), out_size[1] / (crop[3] - crop[1])
+    return ((box[0] - crop[0]) * sx, (box[1] - crop[1]) * sy, (box[2] - crop[0]) * sx, (box[3] - crop[1]) * sy)
 
 
 def center_crop_box(image_size: tuple[int, int], out_size: tuple[int, int]) -> Box:
@@ -359,24 +361,24 @@ def _up_to_date(entry: dict[str, Any] | None, digest: str, out_dir: Path) -> boo
 
 def crop_photo(image: Image.Image, settings: CropSettings, tools: _Tools) -> tuple[Image.Image | None, dict[str, Any]]:
     """Detect the face, frame it and render the crop; returns (crop or None when skipped, metadata)."""
-    detections = tools.face.detect(np.asarray(image))
-    threshold = settings.min_face_score
-    if threshold is None:
-        threshold = MIN_FACE_SCORE.get(tools.face.name, 0.0)
-    faces = [face for face in detections if face.score >= threshold]
+    pixels = np.asarray(image)
+    detections = tools.face.detect(pixels)
+    threshold = tools.face.min_score if settings.min_face_score is None else settings.min_face_score
+    face = tools.face.primary_face(pixels, threshold)
     meta: dict[str, Any] = {
         "image_size": list(image.size),
         "backend": tools.face.name,
         "detection_scores": [round(float(face.score), 4) for face in detections],
         "min_face_score": threshold,
         "face_box": None,
+        "source_face_box": None,
         "score": None,
         "crop_box": None,
     }
-    if faces:
-        face = faces[0]
+    if face is not None:
         box = face_crop_box(face.bbox, image.size, settings.size, settings.face_scale, settings.face_y)
-        meta.update(status=STATUS_FACE, face_box=_rounded(face.bbox), score=round(float(face.score), 4))
+        meta.update(status=STATUS_FACE, source_face_box=_rounded(face.bbox), score=round(float(face.score), 4),
+                    face_box=_rounded(box_in_crop(face.bbox, box, settings.size)))
     elif settings.no_face == "center":
         box = center_crop_box(image.size, settings.size)
         meta["status"] = STATUS_CENTER
@@ -527,90 +529,3 @@ def summarize(reports: Sequence[SubjectReport]) -> str:
     total = sum(r.outputs for r in reports)
     lines.append(f"total: {total} crops for {len(reports)} subject(s)")
     return "\n".join(lines)
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def parse_size(text: str) -> tuple[int, int]:
-    """`512` (square) or `WIDTHxHEIGHT`."""
-    try:
-        parts = [int(v) for v in text.lower().split("x")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"size must be N or WIDTHxHEIGHT, got {text!r}")
-    return parts[0], parts[1]
-
-
-def parse_color(text: str) -> tuple[int, int, int]:
-    """`white`, `#rrggbb` or `r,g,b`."""
-    try:
-        if "," in text:
-            values = tuple(int(v) for v in text.split(","))
-            if len(values) != 3 or not all(0 <= v <= 255 for v in values):
-                raise ValueError
-            return values  # type: ignore[return-value]
-        return ImageColor.getrgb(text)[:3]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"colour must be a name, #rrggbb or r,g,b, got {text!r}") from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m libs.preprocess", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    crop = commands.add_parser("crop", help="background removal + head-and-shoulders crop of every photo")
-    defaults = CropSettings()
-    crop.add_argument("-i", "--input", default="train_data", help="train_data root or one subject folder")
-    crop.add_argument("-o", "--output", default="train_data_crop", help="where crops (and crops.json) go")
-    crop.add_argument("--size", type=parse_size, default=defaults.size, help="N or WIDTHxHEIGHT (default 512)")
-    crop.add_argument("--face_scale", type=float, default=defaults.face_scale,
-                      help="crop height in face sizes (default %(default)s; larger = more shoulders)")
-    crop.add_argument("--face_y", type=float, default=defaults.face_y,
-                      help="face centre position as a fraction of the crop height from the top (default %(default)s)")
-    crop.add_argument("--no_face", choices=("center", "skip"), default=defaults.no_face,
-                      help="photos without a detected face: center-crop them or leave them out (default %(default)s)")
-    crop.add_argument("--face_backend", choices=("auto", "insightface", "dlib"), default=defaults.face_backend)
-    crop.add_argument("--min_face_score", type=float, default=None,
-                      help="ignore weaker detections (default: dlib %s, insightface %s)"
-                      % (MIN_FACE_SCORE["dlib"], MIN_FACE_SCORE["insightface"]))
-    crop.add_argument("--no_rembg", action="store_true", help="only crop, keep the original background")
-    crop.add_argument("--rembg_model", default=None,
-                      help=f"rembg model name (default {DEFAULT_REMBG_MODEL}; u2net_custom with --rembg_model_path)")
-    crop.add_argument("--rembg_model_path", default=None, help="a local ONNX file for a custom rembg model")
-    crop.add_argument("--bg_color", type=parse_color, default=defaults.bg_color,
-                      help="background colour: name, #rrggbb or r,g,b (default white)")
-    crop.add_argument("--force", action="store_true", help="redo every photo even if its crop is up to date")
-    return parser
-
-
-def settings_from_args(args: argparse.Namespace) -> CropSettings:
-    model = args.rembg_model or ("u2net_custom" if args.rembg_model_path else DEFAULT_REMBG_MODEL)
-    return CropSettings(
-        size=tuple(args.size), face_scale=args.face_scale, face_y=args.face_y, no_face=args.no_face,
-        face_backend=args.face_backend, min_face_score=args.min_face_score, rembg=not args.no_rembg, rembg_model=model,
-        rembg_model_path=str(Path(args.rembg_model_path).expanduser().resolve()) if args.rembg_model_path else None,
-        bg_color=tuple(args.bg_color),
-    )
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status 1 when no crop at all exists afterwards (or setup failed), else 0."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        reports = crop_dataset(args.input, args.output, settings, force=args.force)
-    except PreprocessError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(summarize(reports))
-    if not any(report.outputs for report in reports):
-        print("error: no crop could be made from any photo (see above)", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,11 +11,6 @@ prompts are added after it or other prompts are edited, nor with the batch size.
 """
 from __future__ import annotations
 
-import hashlib
-import math
-import re
-import resource
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,36 +18,27 @@ from typing import Callable, Sequence
 import ml_collections
 import torch
 from einops import rearrange
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from libs.adapters import Personalization, count_finetuned_parameters, load_personalization, merge_lora
-from libs.autoencoder import AutoencoderKL, load_autoencoder
-from libs.caption_decoder import CaptionDecoderPrefix, load_caption_decoder
-from libs.checkpoint import atomic_path
-from libs.clip import CLIPTextEncoder, load_text_encoder
+from libs.config import latent_shape
+from libs.diffusion import N_TRAIN_STEPS, keyed_generator
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
-from libs.dpm_solver import N_TRAIN_STEPS, dpm_solver_sample
-from libs.prompts import image_name
-from libs.prompts import load_prompts as read_prompt_file
-from libs.uvit import load_uvit
+from libs.dpm_solver import dpm_solver_sample
+from libs.lora import merge_lora
+from libs.models.autoencoder import AutoencoderKL
+from libs.models.caption_decoder import CaptionDecoderPrefix
+from libs.models.clip import CLIPTextEncoder
+from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
+from libs.param_count import count_finetuned_parameters
+from libs.personalization import Personalization, load_personalization
+from libs.precision import autocast, inference_dtype
 
 CFG_MODES = ("true_uncond", "empty_token")
-DEFAULT_CLASS_WORDS = ("boy", "girl")
-GRID_FILE = "grid.jpg"
-GRID_CELL = 160
-JPEG_QUALITY = 95
 
 TextNoiseFn = Callable[[Tensor], Tensor]
 """`text_noise_fn(text) -> noise shaped like text`: the `true_uncond` text of one model call."""
-
-
-class SamplingInputError(ValueError):
-    """Bad user input (prompt file, output folder): reported before any file is written."""
-
-
-# --- the sampler -----------------------------------------------------------------------------------
 
 
 def combine_joint(z: Tensor, clip_img: Tensor) -> Tensor:
@@ -115,20 +101,6 @@ def to_pil_images(pixels: Tensor) -> list[Image.Image]:
     return [Image.fromarray(image) for image in array]
 
 
-def sample_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from a stable hash of `keys` (e.g. seed, prompt index, sample index)."""
-    digest = hashlib.sha256("/".join(str(int(k)) for k in keys).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
-
-
-# --- everything loaded once ------------------------------------------------------------------------
-
-
-def inference_dtype(device: torch.device) -> torch.dtype:
-    """fp16 on CUDA (the official autocast dtype), fp32 elsewhere."""
-    return torch.float16 if device.type == "cuda" else torch.float32
-
-
 @dataclass
 class T2IPipeline:
     """U-ViT (adapters merged), VAE, CLIP text encoder and the caption decoder's prefix; never GPT-2."""
@@ -148,7 +120,7 @@ class T2IPipeline:
         return inference_dtype(self.device)
 
     def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        return autocast(self.device, self.dtype)
 
     @torch.no_grad()
     def encode_text(self, prompts: Sequence[str]) -> Tensor:
@@ -163,7 +135,7 @@ class T2IPipeline:
         if len(prompts) != len(generators):
             raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
         sample = self.config.sample
-        z_init = torch.stack([torch.randn(tuple(self.config.z_shape), generator=g) for g in generators])
+        z_init = torch.stack([torch.randn(latent_shape(self.config), generator=g) for g in generators])
         clip_img_init = torch.stack([torch.randn(1, self.config.clip_img_dim, generator=g) for g in generators])
 
         def text_noise(text: Tensor) -> Tensor:
@@ -186,11 +158,11 @@ class T2IPipeline:
         images: list[Image.Image] = []
         for start in tqdm(range(0, len(prompts), batch_size), desc="images", unit="batch", disable=not progress):
             chunk = slice(start, start + batch_size)
-            images += self.generate(prompts[chunk], [sample_generator(s) for s in seeds[chunk]])
+            images += self.generate(prompts[chunk], [keyed_generator(s) for s in seeds[chunk]])
         return images
 
 
-def load_pipeline(config, device: str | torch.device, restore_path: str | Path | None = None,
+def load_pipeline(config: ml_collections.ConfigDict, device: str | torch.device, restore_path: str | Path | None = None,
                   count_parameters: bool = False) -> T2IPipeline:
     """Load every model once (fp32, on the CPU), apply the personalization in `restore_path`, count the
     changed parameters (spec §7) if asked, then merge the adapters and move/cast for speed."""
@@ -216,110 +188,7 @@ def load_pipeline(config, device: str | torch.device, restore_path: str | Path |
                        finetuned, empty_text)
 
 
-def generate_images(config, prompts: list[str], seeds: list[int], device: str | torch.device,
+def generate_images(config: ml_collections.ConfigDict, prompts: list[str], seeds: list[int], device: str | torch.device,
                     batch_size: int | None = None, progress: bool = False) -> list[Image.Image]:
     """Base-model images (no personalization), one per (prompt, seed): e.g. class images for prior preservation."""
     return load_pipeline(config, device).generate_images(prompts, seeds, batch_size, progress)
-
-
-# --- prompts and output files ----------------------------------------------------------------------
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """The competition's prompt file (libs.prompts), problems raised as SamplingInputError."""
-    return read_prompt_file(path, SamplingInputError)
-
-
-def rewrite_prompt(prompt: str, token: str | None, class_words: Sequence[str] = DEFAULT_CLASS_WORDS) -> str:
-    """"a boy in the wild" -> "a <new1> boy in the wild": the trained token goes before each whole class word."""
-    if not token or not class_words:
-        return prompt
-    words = "|".join(re.escape(w) for w in class_words)
-    return re.sub(rf"(?<!{re.escape(token)} )\b({words})\b", rf"{token} \1", prompt, flags=re.IGNORECASE)
-
-
-def check_output_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SamplingInputError(f"output path {path} is a file, not a folder")
-    return path
-
-
-def save_jpeg(image: Image.Image, path: Path) -> None:
-    """Atomic write: an interrupted run never leaves a truncated JPEG that --skip_existing would trust."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-
-
-def save_grid(output_path: Path, num_prompts: int, n_samples: int, cell: int = GRID_CELL) -> Path:
-    """`grid.jpg`: one row per prompt (labelled with its index), one column per sample."""
-    label = 48
-    grid = Image.new("RGB", (label + n_samples * cell, num_prompts * cell), "white")
-    draw = ImageDraw.Draw(grid)
-    for row in range(num_prompts):
-        draw.text((6, row * cell + cell // 2 - 6), str(row), fill="black")
-        for column in range(n_samples):
-            path = output_path / image_name(row, column)
-            if path.is_file():
-                with Image.open(path) as image:
-                    grid.paste(image.convert("RGB").resize((cell, cell), Image.BICUBIC), (label + column * cell, row * cell))
-    save_jpeg(grid, output_path / GRID_FILE)
-    return output_path / GRID_FILE
-
-
-def missing_samples(num_prompts: int, output_path: Path, n_samples: int, skip_existing: bool) -> list[tuple[int, list[int]]]:
-    """(prompt index, sample indices to make) for every prompt with work left; all of them without skip_existing."""
-    todo = []
-    for index in range(num_prompts):
-        missing = [i for i in range(n_samples) if not (skip_existing and (output_path / image_name(index, i)).is_file())]
-        if missing:
-            todo.append((index, missing))
-    return todo
-
-
-def peak_memory() -> str:
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB GPU (allocated)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB (process RSS)"
-
-
-def sample_prompts(pipeline: T2IPipeline, prompts: Sequence[str], output_path: Path, n_samples: int, seed: int,
-                   skip_existing: bool = False, rewrite: bool = True) -> int:
-    """Write `{prompt_index}-{idx:03}.jpg` for every prompt; returns the number of images made.
-
-    Prompts are rewritten with the trained token before encoding; names and seeds use the original index.
-    """
-    personalization = pipeline.personalization
-    token = personalization.modifier_token if personalization and rewrite else None
-    class_words = [personalization.class_word] if personalization and personalization.class_word else DEFAULT_CLASS_WORDS
-    batch_size = pipeline.config.sample.batch_size
-    todo = missing_samples(len(prompts), output_path, n_samples, skip_existing)
-    if len(todo) < len(prompts):
-        print(f"skipping {len(prompts) - len(todo)} prompt(s) whose {n_samples} images already exist")
-    if not todo:
-        print("nothing to sample")
-        return 0
-
-    batches = sum(math.ceil(len(missing) / batch_size) for _, missing in todo)
-    made = 0
-    with tqdm(total=batches * pipeline.config.sample.steps, desc="sampling", unit="step") as bar:
-        for index, missing in todo:
-            started = time.perf_counter()
-            prompt = rewrite_prompt(prompts[index], token, class_words)
-            bar.set_postfix_str(f"prompt {index}")
-            for first in range(0, len(missing), batch_size):
-                sample_indices = missing[first:first + batch_size]
-                start_count = bar.n
-
-                def advance(nfe: int, _t: float, _x: Tensor, start_count: int = start_count) -> None:
-                    bar.update(start_count + nfe - bar.n)
-
-                generators = [sample_generator(seed, index, i) for i in sample_indices]
-                images = pipeline.generate([prompt] * len(sample_indices), generators, callback=advance)
-                for i, image in zip(sample_indices, images):
-                    save_jpeg(image, output_path / image_name(index, i))
-                made += len(images)
-            bar.write(f"prompt {index}: {time.perf_counter() - started:.1f}s  {prompt!r}")
-    save_grid(output_path, len(prompts), n_samples)
-    print(f"peak memory: {peak_memory()}")
-    return made

@@ -26,27 +26,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ml_collections import ConfigDict
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
 from libs.checkpoint import DOWNLOAD_HINT, atomic_path, save_json
-from libs.clip import MAX_LENGTH, clip_image_preprocess, quiet_transformers, resolve_pretrained
 from libs.config import DEFAULT_CONFIG, load_config
+from libs.errors import UserError
 from libs.face import INSIGHTFACE_ROOT, FaceBackend, get_face_backend
-from libs.prompts import image_name
-from libs.prompts import load_prompts as read_prompt_file
+from libs.models.clip import MAX_LENGTH, clip_image_preprocess
+from libs.models.loading import quiet_transformers, resolve_pretrained
+from libs.photos import IMAGE_EXTENSIONS, PhotoError, is_image_file, open_image
+from libs.prompts import image_name, load_prompts
+from libs.subjects import ADVANCED_SPLITS, SUBJECTS
 
-DEFAULT_TASKS = ("boy1", "boy2", "girl1", "girl2")
-ADVANCED_SPLITS = ("sim", "edit")
+DEFAULT_TASKS = SUBJECTS
 IMAGES_PER_PROMPT = 3
-REFERENCE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 RESULTS_JSON = "score_results.json"
 RESULTS_CSV = "score_results.csv"
 REPORT_HTML = "score_report.html"
 
 
-class ScoringError(RuntimeError):
+class ScoringError(UserError):
     """Bad scoring inputs (missing prompt file, output folder, reference photos); the message names them."""
 
 
@@ -56,27 +57,15 @@ class ScoringWarning(UserWarning):
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied (phone portraits are often stored sideways)."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
-
-
 def reference_photos(ref_dir: str | Path) -> list[Path]:
     """The subject's photos: *.jpg, *.jpeg, *.png (any case), hidden files skipped, sorted by name."""
     ref_dir = Path(ref_dir)
     if not ref_dir.is_dir():
         raise ScoringError(f"reference photo folder not found: {ref_dir}")
-    photos = sorted(p for p in ref_dir.iterdir()
-                    if p.is_file() and p.suffix.lower() in REFERENCE_EXTENSIONS and not p.name.startswith("."))
+    photos = sorted(p for p in ref_dir.iterdir() if is_image_file(p))
     if not photos:
-        raise ScoringError(f"no reference photos ({', '.join(REFERENCE_EXTENSIONS)}) in {ref_dir}")
+        raise ScoringError(f"no reference photos ({', '.join(IMAGE_EXTENSIONS)}) in {ref_dir}")
     return photos
-
-
-def load_prompts(path: str | Path) -> list[str]:
-    """The competition's prompt file (libs.prompts), problems raised as ScoringError."""
-    return read_prompt_file(path, ScoringError)
 
 
 def generated_image_path(output_dir: str | Path, prompt_index: int, idx: int) -> Path:
@@ -310,10 +299,7 @@ class Scorer:
             return self._reference_cache[key]
         references, embeddings, images = [], [], []
         for photo in photos:
-            try:
-                image = load_rgb(photo)
-            except OSError as error:
-                raise ScoringError(f"cannot read reference photo {photo}: {error}") from error
+            image = open_image(photo)
             embedding = self.face.embed_first(np.asarray(image))
             references.append(Reference(str(photo), embedding is not None))
             if embedding is not None:
@@ -382,8 +368,8 @@ class Scorer:
         if not path.is_file():
             return ImageScore(str(path), index, idx, found=False, face_found=False, error="missing")
         try:
-            image = load_rgb(path)
-        except OSError as error:
+            image = open_image(path)
+        except PhotoError as error:
             return ImageScore(str(path), index, idx, found=False, face_found=False, error=f"unreadable: {error}")
         return self._score_loaded(image, str(path), index, idx, refs, text)
 

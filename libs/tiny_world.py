@@ -1,6 +1,5 @@
-"""Write a complete tiny UniDiffuser model set in exactly the official file formats.
-
-    python -m libs.tiny_world [--config tiny] [--out tiny_world/models] [--force]
+"""Write a complete tiny UniDiffuser model set in exactly the official file formats
+(the command line is tools/tiny_world.py).
 
 Files: `uvit_v1.pth` (plain state_dict), `autoencoder_kl.pth` (LDM layout), `caption_decoder.pth`
 (`module.` prefix, a tiny GPT-2 with the legacy attention buffers), and Hugging Face folders
@@ -9,7 +8,6 @@ Tests and the demo load these through the production loaders, so the real code p
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -19,12 +17,12 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, GPT2Config, GPT2LMHeadModel
 
-from libs.autoencoder import AutoencoderKL
-from libs.caption_decoder import CaptionDecoderPrefix
 from libs.checkpoint import atomic_path
-from libs.clip import CLIP_MEAN, CLIP_STD
-from libs.config import load_config, resolve_path
-from libs.uvit import UViT
+from libs.config import load_config
+from libs.models.autoencoder import AutoencoderKL
+from libs.models.caption_decoder import CaptionDecoderPrefix
+from libs.models.clip import CLIP_MEAN, CLIP_STD
+from libs.models.uvit import UViT
 
 MARKER = "tiny_world.json"
 SEED = 0
@@ -119,9 +117,9 @@ def _save_pickle(state: dict[str, torch.Tensor], path: Path) -> None:
 def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, force: bool = False) -> Path:
     """Write the tiny model set (deterministic, seed 0) and return its folder; skips when up to date."""
     config = load_config(config_name)
-    folder = Path(out) if out else resolve_path(Path(config.paths.nnet).parent)
+    folder = Path(out) if out else Path(config.paths.nnet).parent
     marker = folder / MARKER
-    fingerprint = {"config": config.to_dict(), "seed": SEED, "format": 1}
+    fingerprint = {"config": {k: v for k, v in config.to_dict().items() if k != "paths"}, "seed": SEED, "format": 1}
     fingerprint = json.loads(json.dumps(fingerprint, default=list))
     if not force and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return folder
@@ -141,17 +139,3 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     write_clip_model(folder / Path(config.paths.clip_img).name, _clip_config(**tiny.to_dict()), text_folder)
     marker.write_text(json.dumps(fingerprint, indent=1))
     return folder
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny")
-    parser.add_argument("--out", default=None, help="folder (default: the config's model folder)")
-    parser.add_argument("--force", action="store_true", help="rewrite even when up to date")
-    args = parser.parse_args()
-    folder = build_tiny_world(args.config, args.out, args.force)
-    print(f"tiny world ready in {folder}")
-
-
-if __name__ == "__main__":
-    main()

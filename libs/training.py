@@ -25,7 +25,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import ml_collections
 import torch
@@ -35,19 +35,22 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from libs import adapters
-from libs.adapters import LoraSpec, add_lora, save_personalization, text_lora_modules, uvit_lora_modules
-from libs.autoencoder import load_autoencoder
-from libs.caption_decoder import load_caption_decoder
-from libs.checkpoint import (atomic_path, file_sha256, load_safetensors, save_json,
-                             save_safetensors)
-from libs.clip import load_image_encoder, load_text_encoder, resolve_pretrained
-from libs.config import resolve_path
-from libs.download import TRAINING_WEIGHTS, ensure_weights
+from libs import personalization as adapters
+from libs.checkpoint import atomic_path, file_sha256, load_safetensors, safe_torch_load, save_json, save_safetensors
+from libs.config import REPO_ROOT, latent_shape
 from libs.data import ImageEncoder, LatentSource, TrainImage, describe_sources, load_class_images, load_instance_images
-from libs.dpm_solver import N_TRAIN_STEPS, stable_diffusion_betas
-from libs.sampling import T2IPipeline, rewrite_prompt, sample_generator
-from libs.uvit import load_uvit
+from libs.diffusion import N_TRAIN_STEPS, add_noise, alphas_cumprod, keyed_generator as sample_generator
+from libs.download import TRAINING_WEIGHTS, ensure_weights
+from libs.errors import UserError
+from libs.grids import image_grid
+from libs.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
+from libs.models.loading import (image_encoder_source, load_autoencoder, load_caption_decoder, load_image_encoder,
+                                 load_text_encoder, load_uvit)
+from libs.personalization import save_personalization
+from libs.precision import autocast
+from libs.prompts import fill_prompt, rewrite_prompt
+from libs.sampling import T2IPipeline
+from libs.subjects import class_word_from_path
 
 RUN_FILE = "train_config.json"
 LOG_DIR = "logs"
@@ -73,23 +76,11 @@ PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy
 STREAM_INSTANCE, STREAM_CLASS, STREAM_NOISE, STREAM_DROPOUT, STREAM_EVAL = range(1, 6)
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError):
     """A problem with the request (flags, output folder, checkpoint) found before anything is written."""
 
 
 # --- the plan: everything decided before a file is touched ---------------------------------------
-
-
-def class_word_from_path(data_dir: str | Path) -> str:
-    """The competition rule: "boy" if the data path contains "boy", else "girl"."""
-    text = f"{data_dir} {Path(data_dir).resolve().name}".lower()
-    return "boy" if "boy" in text else "girl"
-
-
-def fill_prompt(template: str, token: str | None, class_word: str) -> str:
-    """Fill {token} and {class_word}; without a token its placeholder (and the space it leaves) goes."""
-    text = template.replace("{class_word}", class_word).replace("{token}", token or "")
-    return " ".join(text.split())
 
 
 @dataclass
@@ -130,8 +121,7 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
             raise TrainingError(f"{key} must be at least 1, got {cfg[key]}")
     if cfg.with_prior_preservation and (cfg.class_batch_size < 1 or cfg.num_class_images < 1):
         raise TrainingError("prior preservation needs class_batch_size >= 1 and num_class_images >= 1")
-    if config.resolution % 16:
-        raise TrainingError(f"resolution must be a multiple of 16 (VAE factor 8 x patch 2), got {config.resolution}")
+    latent_shape(config)  # the resolution must fit the VAE and the patch size
     if resume and overwrite:
         raise TrainingError("--resume and --overwrite contradict each other: pick one")
     ensure_weights(config, TRAINING_WEIGHTS)  # now, not after the photos are read
@@ -147,7 +137,6 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     class_dir = None
     if cfg.with_prior_preservation:
         class_dir = Path(cfg.class_data_dir.replace("{class_word}", class_word))
-        class_dir = class_dir if class_dir.is_absolute() or class_dir.exists() else resolve_path(class_dir)
 
     plan = Plan(config, data_dir, out_dir, class_word, token, cfg.initializer_token or class_word, instance_prompt,
                 class_dir)
@@ -180,19 +169,7 @@ def _check_output(plan: Plan, resume: str | None, overwrite: bool) -> None:
                             "pass --resume latest to continue it or --overwrite to start over")
 
 
-# --- diffusion ------------------------------------------------------------------------------------
-
-
-def alphas_cumprod() -> Tensor:
-    """abar_n for n = 0..1000 (abar_0 = 1), float64: index n is the product of the first n alphas."""
-    return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1.0 - stable_diffusion_betas(), 0)])
-
-
-def add_noise(x0: Tensor, noise: Tensor, n: Tensor, abar: Tensor) -> Tensor:
-    """x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps, per sample (computed in float64)."""
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    a = abar[n].view(shape)
-    return (a.sqrt() * x0.double() + (1 - a).sqrt() * noise.double()).float()
+# --- the model ------------------------------------------------------------------------------------
 
 
 class JointNoisePredictor(nn.Module):
@@ -290,11 +267,6 @@ def build_models(config: ml_collections.ConfigDict, plan: Plan, device: torch.de
     return Models(model, autoencoder, uvit_spec, text_spec)
 
 
-def autocast(device: torch.device, weight_dtype: torch.dtype) -> torch.autocast:
-    """Compute in the frozen weights' dtype (a no-op in fp32); unlike accelerate's, also fp16 on the CPU."""
-    return torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32)
-
-
 def count_trainable(module: nn.Module) -> int:
     """The exact number of trained parameters (what sample.py's changed-parameter count will find)."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
@@ -338,10 +310,10 @@ class TrainData:
 
 def encoder_fingerprint(config: ml_collections.ConfigDict) -> str:
     """Names the VAE and CLIP image weights, for the disk cache key (hashes are cached beside the files)."""
-    clip = resolve_pretrained(config.paths.clip_img, config.paths.clip_img_hub, "CLIP image encoder")
+    clip = image_encoder_source(config)
     folder = Path(clip)
     clip_files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")) if folder.is_dir() else []
-    parts = [cached_sha256(resolve_path(config.paths.autoencoder))] + [cached_sha256(p) for p in clip_files]
+    parts = [cached_sha256(config.paths.autoencoder)] + [cached_sha256(p) for p in clip_files]
     return "|".join(parts or [clip]) + ("" if clip_files else f"|{clip}")
 
 
@@ -552,7 +524,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     with torch.no_grad():
         for name, param in own.items():
             param.copy_(weights[name])
-    rest = torch.load(path / CHECKPOINT_OPTIMIZER, map_location="cpu", weights_only=True)
+    rest = safe_torch_load(path / CHECKPOINT_OPTIMIZER, "optimizer state")
     optimizer.load_state_dict(rest["optimizer"])
     scheduler.load_state_dict(rest["scheduler"])
     if scaler is not None and rest["scaler"] is not None:
@@ -601,7 +573,7 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=resolve_path("."), capture_output=True, text=True,
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                                 timeout=5)
         versions["git_commit"] = commit.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -656,14 +628,6 @@ class RunLog:
             self.writer.close()
 
 
-def image_row(images: Sequence[Image.Image], cell: int = 256) -> Image.Image:
-    """Images side by side, each `cell` pixels square (validation grids)."""
-    row = Image.new("RGB", (cell * len(images), cell), "white")
-    for i, image in enumerate(images):
-        row.paste(image.convert("RGB").resize((cell, cell), Image.BICUBIC), (i * cell, 0))
-    return row
-
-
 # --- the run --------------------------------------------------------------------------------------
 
 
@@ -692,7 +656,6 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     from transformers import get_scheduler
 
     cfg = config.train
-    config.z_shape = (config.z_shape[0], config.resolution // 8, config.resolution // 8)
     plan = make_plan(config, data_dir, out_dir, resume, overwrite)
     accelerator = Accelerator(mixed_precision=mixed_precision)
     log = accelerator.print
@@ -838,7 +801,7 @@ def _recipe(config: ml_collections.ConfigDict, plan: Plan) -> dict[str, Any]:
     """The settings that define the result (train block + resolution, seed and the resolved words)."""
     return _plain({**config.train.to_dict(), "resolution": config.resolution, "seed": config.seed,
                    "data_type": config.data_type, "class_word": plan.class_word, "initializer_token": plan.initializer,
-                   "instance_prompt": plan.instance_prompt, "nnet": str(resolve_path(config.paths.nnet))})
+                   "instance_prompt": plan.instance_prompt, "nnet": str(config.paths.nnet)})
 
 
 def _prepare_output(out: Path, overwrite: bool) -> None:
@@ -886,7 +849,7 @@ def _summary(plan: Plan, instance: list[TrainImage], classes: list[TrainImage] |
 def _personalization_meta(config: ml_collections.ConfigDict, plan: Plan, models: Models, trainable: int,
                           recipe: dict[str, Any], data: TrainData) -> dict[str, Any]:
     cfg = config.train
-    nnet_path = resolve_path(config.paths.nnet)
+    nnet_path = Path(config.paths.nnet)
     meta = {
         "modifier_token": plan.token,
         "initializer_token": plan.initializer if plan.token else None,
@@ -960,7 +923,7 @@ class Validation:
                     finetuned_parameters=None, empty_text=empty, weight_dtype=self.weight_dtype)
             images = self._pipeline.generate_images(self.prompts, self.seeds)
         model.train(was_training)
-        grid = image_row(images)
+        grid = image_grid([images], cell=256)
         path = self.plan.out_dir / VALIDATION_DIR / f"step-{step:06d}.jpg"
         with atomic_path(path) as tmp:
             grid.save(tmp, format="JPEG", quality=90)

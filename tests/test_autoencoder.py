@@ -9,7 +9,8 @@ import ml_collections
 import pytest
 import torch
 
-from libs.autoencoder import AutoencoderKL, load_autoencoder
+from libs.models.autoencoder import AutoencoderKL
+from libs.models.loading import load_autoencoder
 from libs.checkpoint import CheckpointError
 from libs.config import load_config
 
@@ -177,7 +178,7 @@ def test_missing_file_names_file_and_download_command(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as info:
         load_autoencoder(_config_for(path))
     assert str(path) in str(info.value)
-    assert "python -m libs.download" in str(info.value)
+    assert "python tools/download.py" in str(info.value)
 
 
 # --- (3) numerical identity with diffusers' LDM VAE -------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from bench import bench_sampling, bench_training, bench_uvit
 from bench.common import RESULT_FIELDS, bench_config, counted_flops, uvit_forward_flops, uvit_inputs
-from libs.uvit import UViT
+from libs.models.uvit import UViT
 
 COMMON = ["--size", "tiny", "--repeats", "1", "--warmup", "1", "--threads", "1"]
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from libs.caption_decoder import CaptionDecoderPrefix, load_caption_decoder
+from libs.models.caption_decoder import CaptionDecoderPrefix
+from libs.models.loading import load_caption_decoder
 from libs.checkpoint import CheckpointError, load_torch_state_dict
 from libs.config import load_config
 

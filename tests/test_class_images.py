@@ -1,8 +1,8 @@
-"""libs.class_images: CelebA selection on a small fake CelebA folder built here (official and Kaggle
+"""libs.class_sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
 layouts), the class-set loader's checks, and class image generation when libs.sampling is present."""
 from __future__ import annotations
 
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from libs.class_images import (
-    ClassSetError,
-    generate_class_images,
-    import_celeba,
-    load_class_set,
-    main,
-    read_celeba_attribute,
-)
+from entrypoints import run_entry
+from libs.config import REPO_ROOT
+from libs.class_set import ClassSetError, load_class_set
+from libs.class_sources import generate_class_images, import_celeba, read_celeba_attribute
+from tools import class_images
+
+
+def main(argv: list[str]) -> int:
+    return run_entry(class_images, argv)
 
 ATTRIBUTES = ["5_o_Clock_Shadow", "Arched_Eyebrows", "Male", "Young"]
 N_PEOPLE = 40
@@ -103,7 +104,7 @@ def test_celeba_errors_are_clear(celeba: Path, tmp_path: Path, capsys: pytest.Ca
         import_celeba(tmp_path, tmp_path / "x", "boy", n=1)
     with pytest.raises(ClassSetError, match="has no CelebA gender"):
         import_celeba(celeba, tmp_path / "x", "cat", n=1)
-    assert main(["celeba", "--celeba_dir", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")]) == 1
+    assert main(["celeba", "--celeba_dir", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")]) == 2
     assert f"CelebA folder not found: {tmp_path / 'nowhere'}" in capsys.readouterr().err
 
 
@@ -140,14 +141,12 @@ def test_load_class_set_checks_alignment_and_files(tmp_path: Path) -> None:
 
 def test_command_line_entry_point(celeba: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m libs.class_images celeba ...`, run in this process (runpy)."""
-    monkeypatch.setattr(sys, "argv", ["class_images", "celeba", "--celeba_dir", str(celeba), "--class_word", "woman",
-                                      "-n", "3", "-o", str(tmp_path / "out")])
-    monkeypatch.delitem(sys.modules, "libs.class_images")  # run it fresh as __main__, as `python -m` does
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("libs.class_images", run_name="__main__")
-    assert exit_info.value.code == 0
-    assert "woman: 3 images" in capsys.readouterr().out
+    """`python tools/class_images.py celeba ...`, as a separate process from another folder."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "class_images.py"), "celeba", "--celeba_dir",
+                           str(celeba), "--class_word", "woman", "-n", "3", "-o", str(tmp_path / "out")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "woman: 3 images" in done.stdout
     assert len(load_class_set(tmp_path / "out" / "woman")) == 3
 
 

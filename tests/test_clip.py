@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.clip import CLIP_MEAN, CLIP_STD, clip_image_preprocess, load_image_encoder, load_text_encoder, original_text_encoder_state
+from libs.models.clip import CLIP_MEAN, CLIP_STD, clip_image_preprocess
+from libs.models.loading import load_image_encoder, load_text_encoder, original_text_encoder_state
 
 
 def test_tokenizer_is_the_real_clip_vocabulary(tiny_config):

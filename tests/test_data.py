@@ -10,11 +10,12 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from libs.autoencoder import load_autoencoder
-from libs.class_images import write_class_set
-from libs.clip import load_image_encoder
-from libs.data import (CROPS_FILE, DataError, ImageEncoder, LatentSource, TrainImage, list_images, load_class_images,
-                       load_instance_images, open_image, read_face_boxes, square_crop)
+from libs.models.loading import load_autoencoder, load_image_encoder
+from libs.class_set import write_class_set
+from libs.data import ImageEncoder, LatentSource, TrainImage, load_class_images, load_instance_images, square_crop
+from libs.photos import CROPS_FILE, list_images, open_image
+from libs.photos import PhotoError as DataError
+from libs.photos import face_boxes as read_face_boxes
 
 
 def test_exif_orientation_and_transparency(tmp_path):
@@ -53,11 +54,12 @@ def _red_fraction(image: Image.Image) -> float:
 
 
 def test_face_box_from_crops_json_moves_the_crop_to_the_face(tmp_path):
-    # the data-preparation layout: crops.json keyed by source photo, boxes in source pixels, crop_box -> output
+    # the data-preparation layout: crops.json keyed by source photo, face_box in the crop's pixels
     folder = tmp_path / "crops"
     folder.mkdir()
     _portrait_with_face().save(folder / "me.jpg", quality=95)
-    entry = {"output": "me.jpg", "status": "face", "face_box": [40, 20, 120, 100], "crop_box": [0, 0, 200, 400]}
+    entry = {"output": "me.jpg", "status": "face", "face_box": [20, 10, 60, 50], "source_face_box": [40, 20, 120, 100],
+             "crop_box": [0, 0, 200, 400]}
     (folder / CROPS_FILE).write_text(json.dumps({"settings": {}, "photos": {"IMG_1.jpeg": entry}}))
 
     assert read_face_boxes(folder) == {"me.jpg": (20.0, 10.0, 60.0, 50.0)}
@@ -145,7 +147,7 @@ def test_class_set_captions_and_shortfall(tmp_path):
     assert [image.caption for image in images] == [f"a photo of a boy, number {i}" for i in range(3)]
     assert all(image.image.size == (32, 32) for image in images)
     assert "holds 3 images, fewer than --num_class_images 5" in warning
-    assert "python -m libs.class_images" in warning
+    assert "python tools/class_images.py" in warning
     images, warning = load_class_images(class_dir, 32, num_images=2, min_side=16, class_prompt="a boy")
     assert warning is None and [image.caption for image in images] == ["a boy", "a boy"]
     with pytest.raises(DataError, match="no_prior_preservation"):

@@ -6,7 +6,7 @@ import json
 import pytest
 from PIL import Image
 
-from libs.demo import DEMO_PROMPTS, SUBJECT, augmented_views, run_demo
+from tools.demo import DEMO_PROMPTS, SUBJECT, augmented_views, run_demo
 
 
 def test_augmented_views_are_distinct_photos():

@@ -7,6 +7,7 @@ import pytest
 
 import sample
 import train
+from entrypoints import run_entry
 
 
 @pytest.fixture()
@@ -23,12 +24,13 @@ def config_without_weights(tiny_config_file, tmp_path):
 def test_sample_py_names_missing_weights(config_without_weights, tmp_path, capsys):
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(["a boy"]))
-    with pytest.raises(SystemExit) as error:
-        sample.main(sample.parse_args(["--config", str(config_without_weights), "--restore_path", str(tmp_path),
-                                       "--prompt_path", str(prompts), "--output_path", str(tmp_path / "out")]))
-    message = str(error.value)
-    assert "uvit_v1.pth" in message and "autoencoder_kl.pth" in message and "python -m libs.download" in message
-    assert "finetuned parameters" not in capsys.readouterr().out
+    code = run_entry(sample, ["--config", config_without_weights, "--restore_path", tmp_path,
+                              "--prompt_path", prompts, "--output_path", tmp_path / "out"])
+    captured = capsys.readouterr()
+    assert code == 2 and "Traceback" not in captured.err
+    message = captured.err
+    assert "uvit_v1.pth" in message and "autoencoder_kl.pth" in message and "python tools/download.py" in message
+    assert "finetuned parameters" not in captured.out
     assert not (tmp_path / "out").exists()
 
 
@@ -36,9 +38,9 @@ def test_train_py_names_missing_weights(config_without_weights, tmp_path, public
     photos = tmp_path / "boy1"
     photos.mkdir()
     public_photos["astronaut"].save(photos / "a.jpg")
-    code = train.main(train.parse_args(["--config", str(config_without_weights), "-d", str(photos),
-                                        "-o", str(tmp_path / "out"), "--no_prior_preservation"]))
+    code = run_entry(train, ["--config", config_without_weights, "-d", photos, "-o", tmp_path / "out",
+                             "--no_prior_preservation"])
     err = capsys.readouterr().err
-    assert code != 0
-    assert "uvit_v1.pth" in err and "autoencoder_kl.pth" in err and "python -m libs.download" in err
+    assert code == 2
+    assert "uvit_v1.pth" in err and "autoencoder_kl.pth" in err and "python tools/download.py" in err
     assert not (tmp_path / "out").exists()

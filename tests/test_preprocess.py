@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +15,14 @@ import torch
 from PIL import Image
 
 from libs import preprocess
-from libs.preprocess import CropSettings, center_crop_box, crop_dataset, face_crop_box, main
+from entrypoints import run_entry
+from libs.config import REPO_ROOT
+from libs.preprocess import CropSettings, center_crop_box, crop_dataset, face_crop_box
+from tools import crop
+
+
+def main(argv: list[str]) -> int:
+    return run_entry(crop, argv)
 
 # dlib's box for Eileen Collins' face in skimage's astronaut (the badge below it is a weaker, smaller hit)
 ASTRONAUT_FACE = (175, 76, 265, 166)
@@ -115,19 +122,20 @@ def test_crop_finds_faces_and_writes_crops_and_metadata(train_data: Path, tmp_pa
                                                         public_photos: dict[str, Image.Image],
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "train_data_crop"
-    assert main(["crop", "-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB]) == 0
+    assert main(["-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB]) == 0
     meta = _crops(out)
     assert meta["settings"]["size"] == [512, 512] and meta["settings"]["rembg"] is False
     photos = meta["photos"]
     for name in ("astronaut.jpg", "grace_hopper.png"):
         entry = photos[name]
         assert entry["status"] == "face" and entry["backend"] == "dlib" and entry["score"] > 0.3
-        assert _contains(entry["crop_box"], entry["face_box"])
+        assert _contains(entry["crop_box"], entry["source_face_box"])
+        assert _contains([0, 0, 512, 512], entry["face_box"])  # the face box is in the crop's pixels
         width, height = entry["crop_box"][2] - entry["crop_box"][0], entry["crop_box"][3] - entry["crop_box"][1]
         assert width == pytest.approx(height, abs=0.05)
         with Image.open(out / "person" / entry["output"]) as crop:
             assert crop.size == (512, 512) and crop.mode == "RGB" and crop.format == "JPEG"
-    assert photos["astronaut.jpg"]["face_box"] == pytest.approx(ASTRONAUT_FACE, abs=12)  # the face, not the badge
+    assert photos["astronaut.jpg"]["source_face_box"] == pytest.approx(ASTRONAUT_FACE, abs=12)  # the face, not the badge
     assert photos["astronaut.jpg"]["output"] == "astronaut.jpg"
     assert photos["grace_hopper.png"]["output"] == "grace_hopper.jpg"  # same stem, always JPEG
     # the pixels really come from the recorded box
@@ -145,12 +153,12 @@ def test_crop_finds_faces_and_writes_crops_and_metadata(train_data: Path, tmp_pa
 
 def test_framing_and_size_are_configurable(train_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "crop"
-    args = ["crop", "-i", str(train_data / "person"), "-o", str(out), "--no_rembg", *DLIB,
+    args = ["-i", str(train_data / "person"), "-o", str(out), "--no_rembg", *DLIB,
             "--size", "256x384", "--face_scale", "2.5", "--face_y", "0.3"]
     assert main(args) == 0  # -i may be a single subject folder: crops go straight into -o
     entry = json.loads((out / "crops.json").read_text())["photos"]["grace_hopper.png"]
     x0, y0, x1, y1 = entry["crop_box"]
-    fx0, fy0, fx1, fy1 = entry["face_box"]
+    fx0, fy0, fx1, fy1 = entry["source_face_box"]
     assert (x1 - x0) / (y1 - y0) == pytest.approx(256 / 384, rel=1e-3)
     assert (y1 - y0) == pytest.approx(2.5 * max(fx1 - fx0, fy1 - fy0), rel=1e-3)
     assert ((fy0 + fy1) / 2 - y0) / (y1 - y0) == pytest.approx(0.3, abs=1e-3)
@@ -163,7 +171,7 @@ def test_weak_detections_are_ignored(tmp_path: Path, public_photos: dict[str, Im
     folder.mkdir(parents=True)
     public_photos["astronaut"].save(folder / "astronaut.png")
     out = tmp_path / "crop"
-    assert main(["crop", "-i", str(tmp_path / "train_data"), "-o", str(out), "--no_rembg", *DLIB,
+    assert main(["-i", str(tmp_path / "train_data"), "-o", str(out), "--no_rembg", *DLIB,
                  "--min_face_score", "50"]) == 0
     entry = _crops(out)["photos"]["astronaut.png"]
     assert entry["status"] == "center" and entry["face_box"] is None and entry["min_face_score"] == 50
@@ -173,7 +181,7 @@ def test_weak_detections_are_ignored(tmp_path: Path, public_photos: dict[str, Im
 def test_no_face_skip_writes_nothing_but_reports_it(train_data: Path, tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "crop"
-    assert main(["crop", "-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB, "--no_face", "skip"]) == 0
+    assert main(["-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB, "--no_face", "skip"]) == 0
     entry = _crops(out)["photos"]["camera.jpeg"]
     assert entry["status"] == "skipped" and entry["output"] is None
     assert not (out / "person" / "camera.jpg").exists()
@@ -185,8 +193,8 @@ def test_nothing_processable_exits_non_zero(tmp_path: Path, public_photos: dict[
     folder = tmp_path / "train_data" / "nobody"
     folder.mkdir(parents=True)
     public_photos["camera"].save(folder / "camera.png")
-    assert main(["crop", "-i", str(tmp_path / "train_data"), "-o", str(tmp_path / "out"),
-                 "--no_rembg", *DLIB, "--no_face", "skip"]) == 1
+    assert main(["-i", str(tmp_path / "train_data"), "-o", str(tmp_path / "out"),
+                 "--no_rembg", *DLIB, "--no_face", "skip"]) == 2
     assert "no crop could be made" in capsys.readouterr().err
 
 
@@ -208,7 +216,7 @@ def test_rerun_skips_up_to_date_photos_and_redoes_changed_ones(train_data: Path,
     (out / "person" / "camera.jpg").unlink()  # a deleted output is remade
     third = crop_dataset(train_data, out, settings)
     assert sorted(third[0].fresh) == ["astronaut.jpg", "camera.jpeg"]
-    face = third[0].entries["astronaut.jpg"]["face_box"]
+    face = third[0].entries["astronaut.jpg"]["source_face_box"]
     assert face[0] == pytest.approx(512 - ASTRONAUT_FACE[2], abs=12)  # the flipped face was re-detected
 
     fourth = crop_dataset(train_data, out, CropSettings(rembg=False, face_backend="dlib", size=(256, 256)))
@@ -241,7 +249,7 @@ def test_exif_orientation_is_applied(tmp_path: Path, public_photos: dict[str, Im
 def test_rembg_custom_model_replaces_the_background(train_data: Path, tmp_path: Path, half_mask_onnx: Path,
                                                     rembg_home: Path, public_photos: dict[str, Image.Image]) -> None:
     out = tmp_path / "removed"
-    assert main(["crop", "-i", str(train_data), "-o", str(out), *DLIB,
+    assert main(["-i", str(train_data), "-o", str(out), *DLIB,
                  "--rembg_model_path", str(half_mask_onnx)]) == 0  # the file lives outside REMBG_HOME
     meta = _crops(out)
     entry = meta["photos"]["astronaut.jpg"]
@@ -273,7 +281,7 @@ def test_missing_rembg_model_says_what_to_download(train_data: Path, tmp_path: P
         monkeypatch.setenv(variable, "http://127.0.0.1:9")  # no download can succeed, network or not
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    assert main(["crop", "-i", str(train_data), "-o", str(tmp_path / "out"), *DLIB]) == 1  # the default model
+    assert main(["-i", str(train_data), "-o", str(tmp_path / "out"), *DLIB]) == 2  # the default model
     err = capsys.readouterr().err
     model = preprocess.DEFAULT_REMBG_MODEL
     target = rembg_home / "models" / model / f"{model}.onnx"
@@ -293,7 +301,7 @@ def test_bad_input_is_reported_and_the_rest_processed(train_data: Path, tmp_path
     (folder / "astronaut.webp").write_bytes(data)  # same stem as astronaut.jpg -> would overwrite its crop
     (train_data / "empty").mkdir()
     out = tmp_path / "crop"
-    assert main(["crop", "-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB]) == 0
+    assert main(["-i", str(train_data), "-o", str(out), "--no_rembg", *DLIB]) == 0
     printed = capsys.readouterr().out
     assert f"error: cannot read image {folder / 'fake.jpg'}" in printed
     assert f"error: cannot read image {folder / 'truncated.jpg'}" in printed
@@ -306,30 +314,27 @@ def test_bad_input_is_reported_and_the_rest_processed(train_data: Path, tmp_path
 
 
 def test_missing_input_folder_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["crop", "-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), "--no_rembg"]) == 1
+    assert main(["-i", str(tmp_path / "nowhere"), "-o", str(tmp_path / "out"), "--no_rembg"]) == 2
     assert f"input folder not found: {tmp_path / 'nowhere'}" in capsys.readouterr().err
     (tmp_path / "bare").mkdir()
-    assert main(["crop", "-i", str(tmp_path / "bare"), "-o", str(tmp_path / "out"), "--no_rembg"]) == 1
+    assert main(["-i", str(tmp_path / "bare"), "-o", str(tmp_path / "out"), "--no_rembg"]) == 2
     assert "no subject folders" in capsys.readouterr().err
 
 
 def test_cropping_into_the_photo_folder_is_refused(train_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = (train_data / "person" / "astronaut.jpg").read_bytes()
-    assert main(["crop", "-i", str(train_data), "-o", str(train_data), "--no_rembg", *DLIB]) == 1
+    assert main(["-i", str(train_data), "-o", str(train_data), "--no_rembg", *DLIB]) == 2
     assert "crops would replace the photos" in capsys.readouterr().err
     assert (train_data / "person" / "astronaut.jpg").read_bytes() == before
 
 
 def test_command_line_entry_point(train_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m libs.preprocess crop ...`, run in this process (runpy) to spare a second torch import."""
+    """`python tools/crop.py ...` as a user runs it: a separate process, from another folder."""
     out = tmp_path / "crop"
-    monkeypatch.setattr(sys, "argv", ["preprocess", "crop", "-i", str(train_data), "-o", str(out), "--no_rembg",
-                                      *DLIB, "--no_face", "skip"])
-    monkeypatch.delitem(sys.modules, "libs.preprocess")  # run it fresh as __main__, as `python -m` does
-    with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("libs.preprocess", run_name="__main__")
-    assert exit_info.value.code == 0
-    printed = capsys.readouterr().out
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "crop.py"), "-i", str(train_data), "-o", str(out),
+                           "--no_rembg", *DLIB, "--no_face", "skip"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    printed = done.stdout
     assert "person: 2 crops" in printed and "total: 2 crops for 1 subject(s)" in printed
     assert sorted(p.name for p in (out / "person").iterdir()) == ["astronaut.jpg", "crops.json", "grace_hopper.jpg"]

@@ -18,10 +18,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from libs.adapters import LoraSpec, add_lora, save_personalization, uvit_lora_modules
-from libs.clip import load_text_encoder
-from libs.config import REPO_ROOT
-from libs.uvit import load_uvit
+from libs.config import REPO_ROOT, latent_shape
+from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.models.loading import load_text_encoder, load_uvit
+from libs.personalization import save_personalization
+import sample
+from entrypoints import run_entry
 from sample import main, parse_args
 
 STEPS = "3"
@@ -100,6 +102,12 @@ def reference_entry(tiny_config, folder: Path, r: int = 4, lora_file: str = "lor
 def run(config_file: Path, restore: Path, prompts: Path, out: Path, *extra: str) -> None:
     main(parse_args(["--config", str(config_file), "--restore_path", str(restore), "--prompt_path", str(prompts),
                      "--output_path", str(out), "--steps", STEPS, "--device", "cpu", *extra]))
+
+
+def run_cli_exit(config_file: Path, restore: Path, prompts: Path, out: Path, *extra: str) -> int:
+    """sample.py at its command-line edge: the exit status."""
+    return run_entry(sample, ["--config", config_file, "--restore_path", restore, "--prompt_path", prompts,
+                              "--output_path", out, "--steps", STEPS, "--device", "cpu", *extra])
 
 
 def image_files(folder: Path) -> dict[str, Path]:
@@ -182,7 +190,7 @@ def test_reference_entry_layout(config_file, prompt_file, tiny_config, tmp_path,
 
 def test_reference_entry_lora_acts_like_the_peft_model(tiny_config, tmp_path):
     """The reader rebuilds rank, alpha (32 / r scaling) and targets exactly: same output as the peft model."""
-    from libs.adapters import load_personalization
+    from libs.personalization import load_personalization
 
     restore = tmp_path / "reference"
     reference_entry(tiny_config, restore, lora_file="lora.pt")
@@ -195,7 +203,7 @@ def test_reference_entry_lora_acts_like_the_peft_model(tiny_config, tmp_path):
     assert "patch_embed.proj" in found.meta["uvit_lora"]["target_modules"]
 
     g = torch.Generator().manual_seed(1)
-    args = (torch.randn(2, *tiny_config.z_shape, generator=g), torch.randn(2, 1, tiny_config.clip_img_dim, generator=g),
+    args = (torch.randn(2, *latent_shape(tiny_config), generator=g), torch.randn(2, 1, tiny_config.clip_img_dim, generator=g),
             torch.randn(2, 77, tiny_config.text_dim, generator=g), torch.tensor([10.0, 900.0]), torch.zeros(2),
             torch.ones(2, dtype=torch.long))
     with torch.no_grad():
@@ -272,10 +280,10 @@ def test_bad_adapter_files_are_rejected(config_file, prompt_file, ours_dir, tiny
     restore, _ = ours_dir
     damage(restore, tiny_config)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as raised:
-        run(config_file, restore, prompt_file, out)
-    assert raised.value.code != 0 and message in str(raised.value.code)
-    assert "finetuned parameters" not in capsys.readouterr().out
+    assert run_cli_exit(config_file, restore, prompt_file, out) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert "finetuned parameters" not in captured.out
     assert not out.exists()
 
 
@@ -299,10 +307,10 @@ def test_bad_input_is_rejected_before_writing(config_file, prompt_file, base_dir
         restore = tmp_path / "no_such_model"
     else:
         out.write_text("a file")
-    with pytest.raises(SystemExit) as raised:
-        run(config_file, restore, prompts, out)
-    assert raised.value.code != 0 and message in str(raised.value.code)
-    assert "finetuned parameters" not in capsys.readouterr().out
+    assert run_cli_exit(config_file, restore, prompts, out) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert "finetuned parameters" not in captured.out
     if case == "output_is_file":
         assert out.read_text() == "a file"
     else:

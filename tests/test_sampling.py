@@ -10,12 +10,15 @@ import torch
 from peft.tuners.lora import LoraLayer
 from PIL import Image
 
-from libs.adapters import LoraSpec, add_lora, save_personalization, uvit_lora_modules
-from libs.clip import load_text_encoder
+from libs.config import latent_shape
+from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.sampling import (SamplingInputError, combine_joint, generate_images, load_pipeline, load_prompts,
-                           rewrite_prompt, sample_generator, split_joint, t2i_sample)
-from libs.uvit import load_uvit
+from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.models.loading import load_text_encoder, load_uvit
+from libs.personalization import save_personalization
+from libs.prompts import PromptFileError as SamplingInputError
+from libs.prompts import load_prompts, rewrite_prompt
+from libs.sampling import combine_joint, generate_images, load_pipeline, split_joint, t2i_sample
 
 STEPS = 4
 BATCH = 2
@@ -30,7 +33,7 @@ def nnet(tiny_config):
 def inputs(tiny_config):
     g = torch.Generator().manual_seed(0)
     text = torch.randn(BATCH, 77, tiny_config.text_dim, generator=g)
-    z = torch.randn(BATCH, *tiny_config.z_shape, generator=g)
+    z = torch.randn(BATCH, *latent_shape(tiny_config), generator=g)
     clip_img = torch.randn(BATCH, 1, tiny_config.clip_img_dim, generator=g)
     empty = torch.randn(77, tiny_config.text_dim, generator=g)
     return text, z, clip_img, empty
@@ -52,7 +55,7 @@ def test_joint_state_round_trip(inputs, tiny_config):
     _, z, clip_img, _ = inputs
     x = combine_joint(z, clip_img)
     assert x.shape == (BATCH, z[0].numel() + tiny_config.clip_img_dim)
-    z2, clip2 = split_joint(x, tiny_config.z_shape, tiny_config.clip_img_dim)
+    z2, clip2 = split_joint(x, latent_shape(tiny_config), tiny_config.clip_img_dim)
     assert torch.equal(z2, z) and torch.equal(clip2, clip_img)
 
 
@@ -211,7 +214,7 @@ def test_pipeline_merges_adapters_and_never_builds_gpt2(tiny_config, tmp_path):
                    for m in part.modules())
 
     g = torch.Generator().manual_seed(3)
-    args = (torch.randn(1, *tiny_config.z_shape, generator=g), torch.randn(1, 1, tiny_config.clip_img_dim, generator=g),
+    args = (torch.randn(1, *latent_shape(tiny_config), generator=g), torch.randn(1, 1, tiny_config.clip_img_dim, generator=g),
             torch.randn(1, 77, tiny_config.text_dim, generator=g), torch.tensor([500.0]), torch.tensor([0.0]),
             torch.tensor([1]))
     with torch.no_grad():

@@ -16,10 +16,13 @@ from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
 import score
-from libs.clip import clip_image_preprocess
+from entrypoints import run_entry
+from libs.errors import UserError
+from libs.models.clip import clip_image_preprocess
 from libs.face import DlibBackend, InsightFaceBackend
 from libs.scoring import (REPORT_HTML, RESULTS_CSV, RESULTS_JSON, Scorer, ScoringError, ScoringWarning, detect_split,
-                          load_rgb, reference_photos, score_outputs)
+                          reference_photos, score_outputs)
+from libs.photos import open_image as load_rgb
 from test_face import synthetic_face, write_tiny_insightface_pack
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
@@ -312,34 +315,31 @@ def test_missing_inputs_are_clear_errors(run_dir: Path, tmp_path: Path, scorer: 
         score_outputs(run_dir / "train_data", tmp_path / "eval_prompts", run_dir / "outputs", tasks=["astro"], scorer=scorer)
     with pytest.raises(ScoringError, match=re.escape(str(tmp_path / "outputs" / "astro"))):
         score_outputs(run_dir / "train_data", run_dir / "eval_prompts", tmp_path / "outputs", tasks=["astro"], scorer=scorer)
-    with pytest.raises(ScoringError, match="prompt file not found"):
+    with pytest.raises(UserError, match="prompt file not found"):
         scorer.score_task(run_dir / "train_data/astro", tmp_path / "none.json", run_dir / "outputs/astro")
     with pytest.raises(ScoringError, match="no reference photos"):
         scorer.score_task(tmp_path, ["x"], run_dir / "outputs/astro")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"0": "a prompt"}))
-    with pytest.raises(ScoringError, match="JSON list of strings"):
+    with pytest.raises(UserError, match="JSON list of strings"):
         scorer.score_task(run_dir / "train_data/astro", bad, run_dir / "outputs/astro")
 
 
 def test_command_line_reports_bad_inputs_before_loading_models(tmp_path: Path, capsys):
-    args = score.parse_args(["--dataset", str(tmp_path / "data"), "--prompts", str(tmp_path / "prompts"),
-                             "--outputs", str(tmp_path / "out"), "--tasks", "boy1", "--face_backend", "insightface",
-                             "--insightface_root", str(tmp_path / "nowhere")])
-    with pytest.raises(SystemExit) as exit_info:
-        score.main(args)
-    assert exit_info.value.code == 2
+    args = ["--dataset", str(tmp_path / "data"), "--prompts", str(tmp_path / "prompts"),
+            "--outputs", str(tmp_path / "out"), "--tasks", "boy1", "--face_backend", "insightface",
+            "--insightface_root", str(tmp_path / "nowhere")]
+    assert run_entry(score, args) == 2
     err = capsys.readouterr().err
     for path in (tmp_path / "data" / "boy1", tmp_path / "prompts" / "boy1.json", tmp_path / "out" / "boy1"):
         assert str(path) in err
 
 
 def test_command_line_without_insightface_models_suggests_dlib(run_dir: Path, tmp_path: Path, clip_dir: Path, capsys):
-    args = score.parse_args(["--dataset", str(run_dir / "train_data"), "--prompts", str(run_dir / "eval_prompts"),
-                             "--outputs", str(run_dir / "outputs"), "--tasks", "grace", "--clip_model", str(clip_dir),
-                             "--insightface_root", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        score.main(args)
+    args = ["--dataset", str(run_dir / "train_data"), "--prompts", str(run_dir / "eval_prompts"),
+            "--outputs", str(run_dir / "outputs"), "--tasks", "grace", "--clip_model", str(clip_dir),
+            "--insightface_root", str(tmp_path)]
+    assert run_entry(score, args) == 2
     assert "--face_backend dlib" in capsys.readouterr().err
 
 

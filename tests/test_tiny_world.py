@@ -42,7 +42,7 @@ def test_ensure_weights_lists_every_missing_file(tmp_path):
     config.paths.autoencoder = str(tmp_path / "b.pth")
     with pytest.raises(CheckpointError) as error:
         ensure_weights(config, ["nnet", "autoencoder"])
-    assert "a.pth" in str(error.value) and "b.pth" in str(error.value) and "python -m libs.download" in str(error.value)
+    assert "a.pth" in str(error.value) and "b.pth" in str(error.value) and "python tools/download.py" in str(error.value)
 
 
 def test_download_fetches_only_missing_items(tiny_config, tmp_path):

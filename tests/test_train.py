@@ -16,18 +16,20 @@ import torch
 from PIL import Image
 
 import train as train_script
-from libs.adapters import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE, LoraSpec,
-                           count_finetuned_parameters, load_personalization, uvit_lora_modules)
-from libs.autoencoder import load_autoencoder
+from entrypoints import run_entry
 from libs.checkpoint import load_safetensors
-from libs.class_images import write_class_set
-from libs.clip import load_text_encoder
+from libs.class_set import write_class_set
 from libs.config import REPO_ROOT, load_config
+from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas
+from libs.lora import LoraSpec, uvit_lora_modules
+from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder, load_uvit
+from libs.param_count import count_finetuned_parameters
+from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE,
+                                  load_personalization)
+from libs.prompts import fill_prompt
+from libs.subjects import class_word_from_path
 from libs.training import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
-                           add_noise, alphas_cumprod, build_models, class_word_from_path, count_trainable, fill_prompt,
-                           list_checkpoints, make_plan, total_loss, train)
-from libs.dpm_solver import stable_diffusion_betas
-from libs.uvit import build_uvit, load_uvit
+                           build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
 
 
 @pytest.fixture()
@@ -60,7 +62,7 @@ def configured(config, class_dir: Path | None = None, **train_settings):
 def main_exit(argv: list[str], config, monkeypatch: pytest.MonkeyPatch) -> int:
     """train.py's main() with `config` as the loaded config file (the tiny world's paths)."""
     monkeypatch.setattr(train_script, "load_config", lambda name: deepcopy(config))
-    return train_script.main(train_script.parse_args(argv))
+    return run_entry(train_script, argv)
 
 
 def lora_and_token(out: Path) -> dict[str, torch.Tensor]:

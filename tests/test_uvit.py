@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from libs.checkpoint import CheckpointError, load_torch_state_dict
 from libs.config import load_config
-from libs.uvit import build_uvit, load_uvit
+from libs.models.loading import build_uvit, load_uvit
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "uvit_v1.json"
 
@@ -205,7 +205,7 @@ def test_load_rejects_missing_and_extra_keys(tiny_config, tiny_world, tmp_path):
 
 
 def test_missing_checkpoint_names_file_and_download_command(tiny_config, tmp_path):
-    with pytest.raises(CheckpointError, match=r"(?s)nope\.pth.*python -m libs\.download"):
+    with pytest.raises(CheckpointError, match=r"(?s)nope\.pth.*python tools/download\.py"):
         load_uvit(tiny_config, path=str(tmp_path / "nope.pth"))
 
 

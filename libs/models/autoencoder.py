@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import ml_collections
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libs.checkpoint import load_strict, load_torch_state_dict
-from libs.config import resolve_path
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -290,21 +287,3 @@ class AutoencoderKL(nn.Module):
         if slice_size is None or slice_size >= z.shape[0]:
             return self.decoder(self.post_quant_conv(z / self.scale_factor))
         return torch.cat([self.decode(chunk) for chunk in torch.split(z, slice_size)], dim=0)
-
-
-def load_autoencoder(
-    config: ml_collections.ConfigDict,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> AutoencoderKL:
-    """Build `config.autoencoder` and strictly load `config.paths.autoencoder`, frozen for inference.
-
-    The model is built on the meta device and the checkpoint tensors are assigned into it, so a
-    full-size load never holds a random initialisation and the weights at the same time.
-    """
-    with torch.device("meta"):
-        model = AutoencoderKL(**config.autoencoder.to_dict())
-    path = resolve_path(config.paths.autoencoder)
-    state = load_torch_state_dict(path, what="autoencoder checkpoint")
-    load_strict(model, state, path)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,98 +1,27 @@
-"""Class image sets for prior preservation: real CelebA faces or images rendered by the base model.
-
-    python -m libs.class_images celeba --celeba_dir DIR [--class_word boy girl] [-n 200] [--seed 0]
-    python -m libs.class_images generate [--class_word boy girl] [-n 200] [--seed 0] [--config unidiffuser_v1]
-
-Both write `<out_dir>/<class_word>/` in the layout the reference entry trained with:
-`images/` (the pictures), `images.txt` (one file name per line, relative to images/), `caption.txt`
-(the caption of the same line's image) plus `class_set.json` saying how the set was made.
-`load_class_set` is what training reads.
-"""
+"""Making class image sets for prior preservation: real CelebA faces, or images rendered by the base model.
+Both write the layout of libs/class_set.py; the command line is tools/class_images.py."""
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from libs.checkpoint import CheckpointError, atomic_path, save_json
+from libs.checkpoint import atomic_path, save_json
+from libs.class_set import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
+                             read_lines, write_class_set)
 
-IMAGES_DIR = "images"
-IMAGES_LIST = "images.txt"
-CAPTIONS = "caption.txt"
-INFO = "class_set.json"
 DEFAULT_CAPTION = "a photo of a {}"
 DEFAULT_COUNT = 200
 DEFAULT_OUT_DIR = "class_data"
 # CelebA's `Male` attribute: 1 for men, -1 for women
 MALE_VALUE = {"boy": 1, "man": 1, "male": 1, "girl": -1, "woman": -1, "female": -1}
-MAKE_HINT = "make one with `python -m libs.class_images celeba ...` or `python -m libs.class_images generate ...`"
 JPEG_QUALITY = 95
-
-
-class ClassSetError(ValueError):
-    """A class image set (or the CelebA folder it comes from) is missing, inconsistent or too small."""
-
-
-# --- reading a class set (training) --------------------------------------------------------------
-
-def load_class_set(class_dir: str | Path) -> list[tuple[Path, str]]:
-    """(image path, caption) pairs of a class set, checked so training fails now and not at step 300."""
-    class_dir = Path(class_dir)
-    if not class_dir.is_dir():
-        raise ClassSetError(f"class image folder not found: {class_dir}\n  -> {MAKE_HINT}")
-    names = _read_lines(class_dir / IMAGES_LIST)
-    captions = _read_lines(class_dir / CAPTIONS)
-    if len(names) != len(captions):
-        raise ClassSetError(
-            f"{class_dir / IMAGES_LIST} has {len(names)} lines but {class_dir / CAPTIONS} has {len(captions)}: "
-            "they must be aligned line by line (one caption per image)"
-        )
-    if not names:
-        raise ClassSetError(f"{class_dir / IMAGES_LIST} lists no images\n  -> {MAKE_HINT}")
-    image_dir = class_dir / IMAGES_DIR
-    pairs = [(image_dir / name, caption) for name, caption in zip(names, captions)]
-    missing = [str(path) for path, _ in pairs if not path.is_file()]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
-        raise ClassSetError(f"{len(missing)} image(s) listed in {class_dir / IMAGES_LIST} do not exist: {shown}")
-    return pairs
-
-
-def _read_lines(path: Path) -> list[str]:
-    """Non-empty lines; trailing blank lines are fine, a blank line in the middle would shift the alignment."""
-    if not path.is_file():
-        raise ClassSetError(f"{path} not found\n  -> {MAKE_HINT}")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    blank = [number for number, line in enumerate(lines, start=1) if not line]
-    if blank:
-        raise ClassSetError(f"{path}: line {blank[0]} is empty (every line must name an image / hold a caption)")
-    return lines
-
-
-def write_class_set(class_dir: Path, names: Sequence[str], captions: Sequence[str], info: dict[str, Any]) -> None:
-    """Write images.txt, caption.txt and class_set.json (atomically) for files already in images/."""
-    if len(names) != len(captions):
-        raise ValueError(f"{len(names)} names but {len(captions)} captions")
-    with atomic_path(class_dir / IMAGES_LIST) as tmp:
-        tmp.write_text("".join(f"{name}\n" for name in names), encoding="utf-8")
-    with atomic_path(class_dir / CAPTIONS) as tmp:
-        tmp.write_text("".join(f"{caption}\n" for caption in captions), encoding="utf-8")
-    save_json(info, class_dir / INFO)
-
-
-def caption_for(template: str, class_word: str) -> str:
-    """`a photo of a {}` -> `a photo of a boy`; a template without `{}` is used as it is."""
-    return template.format(class_word) if "{}" in template else template
 
 
 def male_value(class_word: str) -> int:
@@ -169,7 +98,7 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
     order = random.Random(seed).sample(candidates, len(candidates))
     class_dir = Path(class_dir)
     out_images = class_dir / IMAGES_DIR
-    old_names = set(_read_lines(class_dir / IMAGES_LIST)) if (class_dir / IMAGES_LIST).is_file() else set()
+    old_names = set(read_lines(class_dir / IMAGES_LIST)) if (class_dir / IMAGES_LIST).is_file() else set()
     chosen: list[str] = []
     with tqdm(total=n, desc=f"celeba {class_word}", unit="img") as progress:
         for name in order:
@@ -280,70 +209,3 @@ def _check_resumable(class_dir: Path, info: dict[str, Any]) -> None:
         shown = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in differing.items())
         raise ClassSetError(f"{class_dir} holds a class set made differently ({shown}); "
                             "use another --out_dir or delete the folder")
-
-
-# --- command line --------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m libs.class_images", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--class_word", nargs="+", default=["boy", "girl"], help="one set per word (default: boy girl)")
-    common.add_argument("-n", "--num_images", type=int, default=DEFAULT_COUNT, help="images per class (default %(default)s)")
-    common.add_argument("--seed", type=int, default=0)
-    common.add_argument("-o", "--out_dir", default=DEFAULT_OUT_DIR, help="sets go to OUT_DIR/<class_word>/")
-    common.add_argument("--caption", default=DEFAULT_CAPTION,
-                        help="caption template, {} = class word (default %(default)r); also the prompt for generate")
-    celeba = commands.add_parser("celeba", parents=[common], help="pick real faces from a CelebA download")
-    celeba.add_argument("--celeba_dir", required=True, help="folder with img_align_celeba/ and list_attr_celeba.txt")
-    generate = commands.add_parser("generate", parents=[common], help="render class images with the base UniDiffuser")
-    generate.add_argument("--config", default="unidiffuser_v1")
-    generate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
-    generate.add_argument("--scale", type=float, default=None, help="guidance scale (default: the config's)")
-    generate.add_argument("--batch_size", type=int, default=4)
-    generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.num_images < 1:
-        print("error: --num_images must be at least 1", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out_dir)
-    try:
-        if args.command == "celeba":
-            sets = {word: import_celeba(args.celeba_dir, out_dir / word, word, args.num_images, args.seed, args.caption)
-                    for word in args.class_word}
-        else:
-            config, device = _generation_setup(args)
-            pipeline = None
-            sets = {}
-            for word in args.class_word:
-                if pipeline is None and missing_indices(out_dir / word, args.num_images):
-                    from libs.sampling import load_pipeline
-
-                    pipeline = load_pipeline(config, device)  # once for all class words
-                sets[word] = generate_class_images(config, out_dir / word, word, args.num_images, args.seed,
-                                                   args.caption, device, args.batch_size, pipeline)
-    except (ClassSetError, CheckpointError, FileNotFoundError) as error:  # bad data, missing weights or config
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    for word, pairs in sets.items():
-        print(f"{word}: {len(pairs)} images in {out_dir / word / IMAGES_DIR}, captions like {pairs[0][1]!r}")
-    return 0
-
-
-def _generation_setup(args: argparse.Namespace) -> tuple[Any, str]:
-    import torch
-
-    from libs.config import apply_overrides, load_config
-
-    config = apply_overrides(load_config(args.config), {"sample.steps": args.steps, "sample.scale": args.scale})
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return config, device
-
-
-if __name__ == "__main__":
-    sys.exit(main())

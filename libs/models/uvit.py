@@ -3,6 +3,7 @@ CLIP-image and latent-patch tokens that predicts the noise of all three modaliti
 
 Parameter names and shapes equal the official `uvit_v1.pth` (418 keys), so the checkpoint loads
 strictly and peft can target `attn.qkv`, `attn.proj`, `mlp.fc1`, `mlp.fc2`, `text_embed`, `clip_img_embed`.
+Hand-written because no library has this network; pure `nn.Module` code (loading: libs/models/loading.py).
 """
 from __future__ import annotations
 
@@ -13,9 +14,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
-
-from libs.checkpoint import load_strict, load_torch_state_dict
-from libs.config import resolve_path
 
 ATTENTION_MODES = ("sdpa", "math")
 
@@ -212,19 +210,3 @@ class UViT(nn.Module):
         img_out = rearrange(self.decoder_pred(img_out), "B (h w) (p1 p2 C) -> B C (h p1) (w p2)",
                             h=height // self.patch_size, p1=self.patch_size, p2=self.patch_size)
         return img_out, self.clip_img_out(clip_img_out), self.text_out(text_out)
-
-
-def build_uvit(config, device: str | torch.device = "cpu") -> UViT:
-    """An (uninitialized when on meta) U-ViT with the architecture in `config.nnet`."""
-    with torch.device(device):
-        return UViT(**config.nnet)
-
-
-def load_uvit(config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-              path: str | None = None) -> UViT:
-    """The base U-ViT from `config.paths.nnet` (or `path`), loaded strictly, frozen and in eval mode."""
-    source = resolve_path(path or config.paths.nnet)
-    state = load_torch_state_dict(source, "U-ViT checkpoint (uvit_v1.pth)")
-    model = build_uvit(config, "meta")
-    load_strict(model, state, source)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,10 +1,10 @@
 """CLIP towers used by UniDiffuser: the ViT-L/14 text encoder (with personalization tokens) and the
-ViT-B/32 image encoder, both through transformers, with OpenAI's exact image preprocessing."""
+ViT-B/32 image encoder, both through transformers, with OpenAI's exact image preprocessing.
+Pure module code: the towers are built from folders by libs/models/loading.py."""
 from __future__ import annotations
 
 import re
-from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -12,40 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
-from transformers.utils import logging as hf_logging
-
-from libs.checkpoint import CheckpointError, DOWNLOAD_HINT
-from libs.config import resolve_path
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_LENGTH = 77
-
-
-def resolve_pretrained(local: str, hub_id: str, what: str) -> str:
-    """A local Hugging Face folder when it exists, else the hub id (downloaded/cached by transformers)."""
-    folder = resolve_path(local) if local else None
-    if folder is not None and (folder / "config.json").is_file():
-        return str(folder)
-    if hub_id:
-        return hub_id
-    raise CheckpointError(f"{what} not found: {folder} has no config.json\n  -> {DOWNLOAD_HINT}")
-
-
-@contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Loading one tower from a full CLIPModel folder is intended: hide transformers' unused-key report
-    and its per-load progress bars."""
-    previous = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(previous)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def clip_image_preprocess(images: Sequence[Image.Image], size: int = 224) -> torch.Tensor:
@@ -99,11 +69,10 @@ class ExtendedTokenEmbedding(nn.Module):
 class CLIPTextEncoder(nn.Module):
     """CLIP ViT-L/14 text tower: prompts -> last_hidden_state [B, 77, 768] (pad to max length, truncate)."""
 
-    def __init__(self, pretrained: str, max_length: int = MAX_LENGTH):
+    def __init__(self, tokenizer: CLIPTokenizer, transformer: CLIPTextModel, max_length: int = MAX_LENGTH):
         super().__init__()
-        with quiet_transformers():
-            self.tokenizer = CLIPTokenizer.from_pretrained(pretrained)
-            self.transformer = CLIPTextModel.from_pretrained(pretrained)
+        self.tokenizer = tokenizer
+        self.transformer = transformer
         self.max_length = max_length
         self.new_tokens: list[str] = []
         self.modifier_token: str | None = None
@@ -192,10 +161,9 @@ class CLIPTextEncoder(nn.Module):
 class CLIPImageEncoder(nn.Module):
     """CLIP ViT-B/32 image tower: images -> `image_embeds` (projection output, not normalized)."""
 
-    def __init__(self, pretrained: str):
+    def __init__(self, model: CLIPVisionModelWithProjection):
         super().__init__()
-        with quiet_transformers():
-            self.model = CLIPVisionModelWithProjection.from_pretrained(pretrained)
+        self.model = model
         self.image_size = self.model.config.image_size
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -204,23 +172,3 @@ class CLIPImageEncoder(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         return self(clip_image_preprocess(images, self.image_size))
-
-
-def load_text_encoder(config, device: str | torch.device = "cpu") -> CLIPTextEncoder:
-    """The frozen CLIP text encoder named by `config.paths.clip_text` (local folder or hub id)."""
-    encoder = CLIPTextEncoder(resolve_pretrained(config.paths.clip_text, config.paths.clip_text_hub, "CLIP text encoder"))
-    return encoder.eval().requires_grad_(False).to(device)
-
-
-def original_text_encoder_state(config) -> dict[str, torch.Tensor]:
-    """A fresh copy of the text encoder's weights: the reference for the changed-parameter count."""
-    with quiet_transformers():
-        model = CLIPTextModel.from_pretrained(
-            resolve_pretrained(config.paths.clip_text, config.paths.clip_text_hub, "CLIP text encoder"))
-    return model.state_dict()
-
-
-def load_image_encoder(config, device: str | torch.device = "cpu") -> CLIPImageEncoder:
-    """The frozen CLIP image encoder named by `config.paths.clip_img` (local folder or hub id)."""
-    encoder = CLIPImageEncoder(resolve_pretrained(config.paths.clip_img, config.paths.clip_img_hub, "CLIP image encoder"))
-    return encoder.eval().requires_grad_(False).to(device)

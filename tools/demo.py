@@ -1,6 +1,6 @@
 """The whole pipeline, end to end, on the tiny world and the committed public-domain photos.
 
-    make demo            (or: python -m libs.demo [--workdir demo_run] [--train_step 30])
+    make demo            (or: python tools/demo.py [--workdir demo_run] [--train_step 30])
 
 Runs the same command lines a contestant runs, with `--config tiny`: build the tiny model set,
 prepare a demo subject (augmented copies of the astronaut portrait) and a class set (Grace Hopper),
@@ -13,14 +13,17 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
 
-from PIL import Image, ImageEnhance, ImageOps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
+import time  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-from libs.config import REPO_ROOT
-from libs.tiny_world import build_tiny_world
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+
+from libs.config import REPO_ROOT  # noqa: E402
+from libs.errors import UserError, run_cli  # noqa: E402
+from libs.tiny_world import build_tiny_world  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets" / "demo"
 SUBJECT = "girl_demo"
@@ -84,7 +87,7 @@ def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict
     crops = workdir / "train_data_crop"
     model_out = workdir / "model_output" / SUBJECT
     outputs = workdir / "outputs"
-    run("crop", ["-m", "libs.preprocess", "crop", "-i", workdir / "train_data", "-o", crops,
+    run("crop", ["tools/crop.py", "-i", workdir / "train_data", "-o", crops,
                  "--no_rembg", "--face_backend", "dlib", "--size", "256"])
     run("train", ["train.py", "--config", "tiny", "-d", crops / SUBJECT, "-o", model_out,
                   "--class_data_dir", data["class_dir"], "--num_class_images", "5", "--train_step", str(train_step),
@@ -97,21 +100,24 @@ def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict
             "grid": outputs / SUBJECT / "grid.jpg", "report": outputs / "score_report.html"}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "demo_run", help="where the demo writes everything")
     parser.add_argument("--train_step", type=int, default=30)
     parser.add_argument("--sample_steps", type=int, default=6)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
     try:
         artefacts = run_demo(args.workdir, args.train_step, args.sample_steps)
     except subprocess.CalledProcessError as error:
-        raise SystemExit(f"demo stopped: step `{' '.join(map(str, error.cmd[1:3]))}` failed (exit {error.returncode})") from error
+        raise UserError(f"demo stopped: step `{' '.join(map(str, error.cmd[1:3]))}` failed (exit {error.returncode})") from error
     print("\nDemo finished (tiny random models: the pictures are noise-like, the pipeline is real).")
     for name, path in artefacts.items():
         print(f"  {name:16s} {path}")
-    print("With the real weights in models/ (python -m libs.download): ./train.sh && ./sample.sh && python score.py")
+    print("With the real weights in models/ (python tools/download.py): ./train.sh && ./sample.sh && python score.py")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(lambda: main(parse_args()))

@@ -1,0 +1,31 @@
+"""One error type for bad input, and the edge where every entry script and tool reports it.
+
+A `UserError` is something the person running the command can fix (a missing file, a bad flag, a
+folder in the way): it is printed as one `error: <message>` line on stderr and the process exits 2,
+without a traceback. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, TypeVar
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """Bad input or a broken environment, with a message that says what, which file and how to fix it."""
+
+
+def run_cli(main: Callable[[], T]) -> T:
+    """Run an entry point; a `UserError` (or Ctrl-C) becomes a message and an exit status, not a traceback."""
+    try:
+        return main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None

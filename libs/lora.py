@@ -1,0 +1,115 @@
+"""LoRA mechanics through peft: which modules of the U-ViT (and the CLIP text tower) get adapters, the
+settings that rebuild them, and loading / merging their weights."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from libs.checkpoint import CheckpointError, key_mismatches
+from libs.errors import UserError
+from libs.models.clip import CLIPTextEncoder
+
+BLOCK_TARGETS = ("qkv", "proj", "fc1", "fc2", "skip_linear")
+BLOCK_TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "skip_linear": "skip_linear"}
+TOP_LEVEL_TARGETS = ("text_embed", "clip_img_embed", "text_out", "clip_img_out", "decoder_pred", "patch_embed.proj")
+DEFAULT_UVIT_TARGETS = ("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LoraTargetError(UserError):
+    """LoRA target names that are unknown or match no module."""
+
+
+def uvit_lora_modules(nnet: nn.Module, targets: Sequence[str] = DEFAULT_UVIT_TARGETS) -> list[str]:
+    """Full module names for LoRA. Block-level names (`qkv`, `proj`, `fc1`, `fc2`, `skip_linear`) only hit
+    the transformer blocks; the patch-embedding conv is targeted only when `patch_embed.proj` is asked
+    for by name (the reference entry hit it by accident through the bare name `proj`)."""
+    unknown = sorted(set(targets) - set(BLOCK_TARGETS) - set(TOP_LEVEL_TARGETS))
+    if unknown:
+        raise LoraTargetError(f"unknown LoRA target(s) {unknown}; choose from {BLOCK_TARGETS + TOP_LEVEL_TARGETS}")
+    block_paths = "|".join(re.escape(BLOCK_TARGET_PATHS[t]) for t in targets if t in BLOCK_TARGETS)
+    top = [t for t in targets if t in TOP_LEVEL_TARGETS]
+    patterns = [re.escape(t) for t in top]
+    if block_paths:
+        patterns.append(rf"(in_blocks\.\d+|mid_block|out_blocks\.\d+)\.({block_paths})")
+    regex = re.compile("|".join(patterns))
+    names = [name for name, module in nnet.named_modules() if regex.fullmatch(name) and isinstance(module, (nn.Linear, nn.Conv2d))]
+    if not names:
+        raise LoraTargetError(f"LoRA targets {list(targets)} match no module")
+    return names
+
+
+def text_lora_modules(text_encoder: CLIPTextEncoder) -> list[str]:
+    """Attention projections of every CLIP text layer."""
+    return [name for name, module in text_encoder.transformer.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in TEXT_LORA_TARGETS]
+
+
+@dataclass
+class LoraSpec:
+    """The LoRA settings that are stored in personalization.json and rebuilt at sampling."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=self.target_modules,
+                          init_lora_weights=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LoraSpec":
+        return cls(r=int(data["r"]), alpha=float(data["alpha"]), dropout=float(data.get("dropout", 0.0)),
+                   target_modules=list(data["target_modules"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": self.target_modules}
+
+    def num_parameters(self, model: nn.Module) -> int:
+        """r·(d_in + d_out) per Linear, r·(C_in·k·k + C_out) per Conv2d: what the adapters add."""
+        total = 0
+        modules = dict(model.named_modules())
+        for name in self.target_modules:
+            module = modules[name]
+            module = getattr(module, "base_layer", module)
+            if isinstance(module, nn.Conv2d):
+                total += self.r * (module.in_channels * module.kernel_size[0] * module.kernel_size[1] + module.out_channels)
+            else:
+                total += self.r * (module.in_features + module.out_features)
+        return total
+
+
+def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
+    """Inject peft LoRA layers in place (the model keeps its class and forward signature)."""
+    return inject_adapter_in_model(spec.peft_config(), model)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(model)
+
+
+def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Load adapter weights; every adapter tensor in the file must exist in the model with the same shape."""
+    problems = key_mismatches(get_peft_model_state_dict(model), state)
+    if problems:
+        raise CheckpointError("\n".join([f"{source} does not fit this base model (was it trained with another "
+                                         "config, rank or base checkpoint?)", *problems]))
+    set_peft_model_state_dict(model, dict(state))
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA delta into its base weight (inference speed); returns the number of merged layers."""
+    merged = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            module.merge()
+            merged += 1
+    return merged

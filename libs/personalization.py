@@ -1,0 +1,147 @@
+"""The personalization folder: what train.py writes to `model_output/<name>/` and sample.py puts back
+onto the base models.
+
+    personalization.json            what was trained (token, init, LoRA settings, base hash, recipe)
+    uvit_lora.safetensors           U-ViT LoRA weights (peft state dict, adapter name stripped)
+    token_embeddings.safetensors    {"<new1>": [num_vectors, 768]}
+    text_encoder_lora.safetensors   only with text_encoder_mode "lora"
+    text_encoder.safetensors        only with text_encoder_mode "full"
+
+`load_personalization` also accepts the reference entry's layout (libs/reference_entry.py).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from torch import nn
+
+from libs.checkpoint import CheckpointError, load_safetensors, save_json, save_safetensors
+from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict
+from libs.models.clip import CLIPTextEncoder
+
+FORMAT = "unidiffuser-personalization"
+FORMAT_VERSION = 1
+META_FILE = "personalization.json"
+UVIT_LORA_FILE = "uvit_lora.safetensors"
+TOKEN_FILE = "token_embeddings.safetensors"
+TEXT_LORA_FILE = "text_encoder_lora.safetensors"
+TEXT_FULL_FILE = "text_encoder.safetensors"
+TEXT_ENCODER_MODES = ("frozen", "token", "lora", "full")
+
+
+@dataclass
+class Personalization:
+    """What `load_personalization` found and applied."""
+
+    kind: str  # "ours", "reference_entry" or "none"
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    modifier_token: str | None = None
+    class_word: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "none":
+            return f"no personalization in {self.path}: sampling the plain base model"
+        parts = [f"{self.kind} personalization from {self.path}"]
+        if self.modifier_token:
+            parts.append(f"token {self.modifier_token}")
+        if self.meta.get("uvit_lora"):
+            lora = self.meta["uvit_lora"]
+            parts.append(f"U-ViT LoRA r={lora['r']} alpha={lora['alpha']} on {len(lora['target_modules'])} modules")
+        if self.meta.get("text_encoder_mode") in ("lora", "full"):
+            parts.append(f"text encoder {self.meta['text_encoder_mode']}")
+        return ", ".join(parts)
+
+
+def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.Module | None,
+                         text_encoder: CLIPTextEncoder | None) -> list[Path]:
+    """Write only the trained extras (atomically) and the JSON describing them; returns the files."""
+    out_dir = Path(out_dir)
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, **meta}
+    mode = meta.get("text_encoder_mode", "frozen")
+    if mode not in TEXT_ENCODER_MODES:
+        raise ValueError(f"text_encoder_mode {mode!r} not in {TEXT_ENCODER_MODES}")
+    written = []
+    if meta.get("uvit_lora"):
+        save_safetensors(lora_state_dict(nnet), out_dir / UVIT_LORA_FILE)
+        written.append(out_dir / UVIT_LORA_FILE)
+    if text_encoder is not None and text_encoder.modifier_token:
+        save_safetensors({text_encoder.modifier_token: text_encoder.new_token_rows()}, out_dir / TOKEN_FILE)
+        written.append(out_dir / TOKEN_FILE)
+    if mode == "lora":
+        save_safetensors(lora_state_dict(text_encoder.transformer), out_dir / TEXT_LORA_FILE)
+        written.append(out_dir / TEXT_LORA_FILE)
+    elif mode == "full":
+        state = {k: v for k, v in text_encoder.transformer.state_dict().items() if not k.endswith("extra_weight")}
+        save_safetensors(state, out_dir / TEXT_FULL_FILE)
+        written.append(out_dir / TEXT_FULL_FILE)
+    save_json(meta, out_dir / META_FILE)
+    written.append(out_dir / META_FILE)
+    return written
+
+
+def read_meta(restore_path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((restore_path / META_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {restore_path / META_FILE}: {error}") from error
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{restore_path / META_FILE} is not a {FORMAT} file (format={meta.get('format')!r})")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{restore_path / META_FILE} has version {meta['version']}; this toolkit reads "
+                              f"up to {FORMAT_VERSION}: update the toolkit")
+    return meta
+
+
+def load_personalization(restore_path: str | Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
+    """Apply the personalization stored in `restore_path` onto freshly loaded base models (unmerged)."""
+    restore_path = Path(restore_path)
+    if not restore_path.is_dir():
+        raise CheckpointError(f"restore path {restore_path} is not a folder; pass the -o folder of train.py")
+    if (restore_path / META_FILE).is_file():
+        return _load_ours(restore_path, nnet, text_encoder)
+    from libs.reference_entry import is_reference_entry, load_reference_entry
+
+    if is_reference_entry(restore_path):
+        return load_reference_entry(restore_path, nnet, text_encoder)
+    return Personalization(kind="none", path=restore_path)
+
+
+def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
+    meta = read_meta(restore_path)
+    token = meta.get("modifier_token")
+    if token:
+        rows = load_safetensors(restore_path / TOKEN_FILE, "token embeddings")
+        if token not in rows:
+            raise CheckpointError(f"{restore_path / TOKEN_FILE} has no row for {token!r} (found {sorted(rows)})")
+        vectors = rows[token]
+        if vectors.ndim != 2 or vectors.shape[1] != text_encoder.hidden_size:
+            raise CheckpointError(f"{restore_path / TOKEN_FILE}: {token} has shape {tuple(vectors.shape)}, "
+                                  f"the text encoder needs [n, {text_encoder.hidden_size}]")
+        text_encoder.add_modifier_token(token, vectors, num_vectors=vectors.shape[0])
+    mode = meta.get("text_encoder_mode", "frozen")
+    if mode == "lora":
+        spec = LoraSpec.from_dict(meta["text_lora"])
+        add_lora(text_encoder.transformer, spec)
+        load_lora_state(text_encoder.transformer, load_safetensors(restore_path / TEXT_LORA_FILE, "text-encoder LoRA"),
+                        restore_path / TEXT_LORA_FILE)
+    elif mode == "full":
+        state = load_safetensors(restore_path / TEXT_FULL_FILE, "text-encoder weights")
+        own = {k for k in text_encoder.transformer.state_dict() if not k.endswith("extra_weight")}
+        if set(state) != own:
+            raise CheckpointError(f"{restore_path / TEXT_FULL_FILE} does not match the text encoder's parameters")
+        text_encoder.transformer.load_state_dict(state, strict=False)
+    if meta.get("uvit_lora"):
+        spec = LoraSpec.from_dict(meta["uvit_lora"])
+        known = dict(nnet.named_modules())
+        absent = [m for m in spec.target_modules if m not in known]
+        if absent:
+            raise CheckpointError(f"{restore_path / META_FILE} targets modules the U-ViT does not have: {absent[:4]}")
+        add_lora(nnet, spec)
+        load_lora_state(nnet, load_safetensors(restore_path / UVIT_LORA_FILE, "U-ViT LoRA"), restore_path / UVIT_LORA_FILE)
+    nnet.eval()  # freshly injected LoRA dropout layers start in training mode
+    text_encoder.eval()
+    return Personalization(kind="ours", path=restore_path, meta=meta, modifier_token=token, class_word=meta.get("class_word"))

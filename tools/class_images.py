@@ -1,0 +1,82 @@
+"""Class image sets for prior preservation: real CelebA faces or images rendered by the base model.
+
+    python tools/class_images.py celeba --celeba_dir DIR [--class_word boy girl] [-n 200] [--seed 0]
+    python tools/class_images.py generate [--class_word boy girl] [-n 200] [--seed 0] [--config unidiffuser_v1]
+
+Both write `<out_dir>/<class_word>/`: `images/` (the pictures), `images.txt` (one file name per line),
+`caption.txt` (the caption of the same line's image) and `class_set.json` saying how the set was made.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
+from typing import Any, Sequence  # noqa: E402
+
+from libs.class_set import IMAGES_DIR, ClassSetError  # noqa: E402
+from libs.class_sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
+                                import_celeba, missing_indices)
+from libs.errors import run_cli  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--class_word", nargs="+", default=["boy", "girl"], help="one set per word (default: boy girl)")
+    common.add_argument("-n", "--num_images", type=int, default=DEFAULT_COUNT, help="images per class (default %(default)s)")
+    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("-o", "--out_dir", default=DEFAULT_OUT_DIR, help="sets go to OUT_DIR/<class_word>/")
+    common.add_argument("--caption", default=DEFAULT_CAPTION,
+                        help="caption template, {} = class word (default %(default)r); also the prompt for generate")
+    celeba = commands.add_parser("celeba", parents=[common], help="pick real faces from a CelebA download")
+    celeba.add_argument("--celeba_dir", required=True, help="folder with img_align_celeba/ and list_attr_celeba.txt")
+    generate = commands.add_parser("generate", parents=[common], help="render class images with the base UniDiffuser")
+    generate.add_argument("--config", default="unidiffuser_v1")
+    generate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    generate.add_argument("--scale", type=float, default=None, help="guidance scale (default: the config's)")
+    generate.add_argument("--batch_size", type=int, default=4)
+    generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> None:
+    if args.num_images < 1:
+        raise ClassSetError(f"--num_images must be at least 1, got {args.num_images}")
+    out_dir = Path(args.out_dir)
+    if args.command == "celeba":
+        sets = {word: import_celeba(args.celeba_dir, out_dir / word, word, args.num_images, args.seed, args.caption)
+                for word in args.class_word}
+    else:
+        config, device = _generation_setup(args)
+        pipeline = None
+        sets = {}
+        for word in args.class_word:
+            if pipeline is None and missing_indices(out_dir / word, args.num_images):
+                from libs.sampling import load_pipeline
+
+                pipeline = load_pipeline(config, device)  # once for all class words
+            sets[word] = generate_class_images(config, out_dir / word, word, args.num_images, args.seed,
+                                               args.caption, device, args.batch_size, pipeline)
+    for word, pairs in sets.items():
+        print(f"{word}: {len(pairs)} images in {out_dir / word / IMAGES_DIR}, captions like {pairs[0][1]!r}")
+
+
+def _generation_setup(args: argparse.Namespace) -> tuple[Any, str]:
+    import torch
+
+    from libs.config import apply_overrides, load_config
+
+    config = apply_overrides(load_config(args.config), {"sample.steps": args.steps, "sample.scale": args.scale})
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return config, device
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(parse_args()))
