@@ -1,22 +1,33 @@
 """Text-to-image with a personalized UniDiffuser-v1: three images per prompt.
 
     python sample.py --restore_path model_output/boy1 --prompt_path eval_prompts/boy1.json --output_path outputs/boy1
+    python sample.py --all [--advanced | --preliminary]      # what ./sample.sh runs: every prompt file there is
 
-Writes `{prompt_index}-{idx:03}.jpg` and `grid.jpg` into the output folder and prints exactly one
-`finetuned parameters: <int>` line (spec §7).
+Writes `{prompt_index}-{idx:03}.jpg` and `grid.jpg` into each output folder and prints exactly one
+`finetuned parameters: <int>` line per prompt file (spec §7). With `--all` the base models are loaded
+once and every (personalization, prompt file, output folder) run of the working folder follows in
+this process: eval_prompts/<name>.json -> outputs/<name>, eval_prompts_advance/<name>_{sim,edit}.json
+-> outputs/<name>_{sim,edit}, personalizations from model_output/<name>.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
+import math
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from libs.config import DEFAULT_CONFIG, apply_overrides, load_config
-from libs.errors import run_cli
+from libs.errors import UserError, run_cli
+from libs.locks import claimed_folder
+from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample_files import SamplingInputError, check_output_path, sample_prompts
-from libs.sampling import CFG_MODES, load_pipeline
+from libs.sample_files import sample_prompts
+from libs.sample_runs import SampleRun, discover_runs
+from libs.sampling import CFG_MODES, load_base, personalize
 
 
 def positive_int(text: str) -> int:
@@ -26,26 +37,72 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--restore_path", "--weight_dir", dest="restore_path", required=True,
-                        help="folder written by train.py -o (or the reference entry's output); "
-                             "a folder without a personalization samples the plain base model")
-    parser.add_argument("--prompt_path", required=True, help="JSON list of prompts")
-    parser.add_argument("--output_path", required=True, help="folder for {prompt_index}-{idx:03}.jpg")
+    one = parser.add_argument_group("one run (the competition's command line)")
+    one.add_argument("--restore_path", "--weight_dir", dest="restore_path",
+                     help="folder written by train.py -o (or the reference entry's output)")
+    one.add_argument("--prompt_path", help="JSON list of prompts")
+    one.add_argument("--output_path", help="folder for {prompt_index}-{idx:03}.jpg")
+    every = parser.add_argument_group("every run of the working folder, in one process (./sample.sh)")
+    every.add_argument("--all", action="store_true", help="every prompt file under eval_prompts/ and "
+                       "eval_prompts_advance/ with its model_output/<name>")
+    split = every.add_mutually_exclusive_group()
+    split.add_argument("--advanced", dest="split", action="store_const", const="advanced",
+                       help="only eval_prompts_advance/<name>_{sim,edit}.json (all 8 must exist)")
+    split.add_argument("--preliminary", dest="split", action="store_const", const="preliminary",
+                       help="only eval_prompts/<name>.json (all 4 must exist)")
+    parser.set_defaults(split="auto")
+    parser.add_argument("--base_model", action="store_true",
+                        help="sample the plain base model on purpose (no personalization; --restore_path not read)")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config name in configs/ or a .py path (tiny: the toy world)")
     parser.add_argument("--nnet_path", default=None, help="base U-ViT checkpoint (default: the config's models/uvit_v1.pth)")
     parser.add_argument("--steps", type=positive_int, default=None, help="solver steps = model evaluations (config: 50)")
-    parser.add_argument("--scale", type=float, default=None, help="guidance scale s in cond + s(cond - uncond) (config: 7)")
+    parser.add_argument("--scale", type=finite_float, default=None, help="guidance scale s in cond + s(cond - uncond) (config: 7)")
     parser.add_argument("--cfg_mode", choices=CFG_MODES, default=None, help="unconditional pass (config: true_uncond)")
     parser.add_argument("--seed", type=int, default=None, help="base seed; each image's noise is keyed by it and its indices")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n_samples", type=positive_int, default=None, help="images per prompt (config: 3)")
-    parser.add_argument("--batch_size", type=positive_int, default=None, help="images denoised together (config: 3)")
-    parser.add_argument("--skip_existing", action="store_true", help="resume: make only the images not yet written")
+    parser.add_argument("--batch_size", type=positive_int, default=None,
+                        help="images denoised together, across prompts (config: 3)")
+    parser.add_argument("--skip_existing", action="store_true", help="resume: make only the images not yet written "
+                        "(an existing image is kept only if it decodes completely)")
     parser.add_argument("--no_prompt_rewrite", action="store_true",
                         help="do not insert the trained token before the class word (boy -> <new1> boy)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    single = [args.restore_path, args.prompt_path, args.output_path]
+    if args.all and any(single):
+        parser.error("--all finds its runs itself: leave out --restore_path, --prompt_path and --output_path")
+    if not args.all and not (args.prompt_path and args.output_path and (args.restore_path or args.base_model)):
+        parser.error("give --restore_path, --prompt_path and --output_path (or --all, as ./sample.sh does)")
+    if args.split != "auto" and not args.all:
+        parser.error("--advanced / --preliminary pick the runs of --all")
+    return args
+
+
+def plan_runs(args: argparse.Namespace) -> list[SampleRun]:
+    """The runs to make, every input checked before any model is loaded."""
+    if args.all:
+        runs = discover_runs(Path.cwd(), args.split, base_model=args.base_model)
+        print(f"found {len(runs)} prompt file(s): " + ", ".join(str(run.prompt_path.relative_to(Path.cwd()))
+                                                               for run in runs))
+    else:
+        restore = None if args.base_model else Path(args.restore_path)
+        runs = [SampleRun(restore, Path(args.prompt_path), Path(args.output_path))]
+    for run in runs:
+        load_prompts(run.prompt_path)
+        if run.restore_path is not None:
+            check_restore_path(run.restore_path)
+        if run.output_path.exists() and not run.output_path.is_dir():
+            raise UserError(f"output path {run.output_path} is a file, not a folder")
+    return runs
 
 
 def main(args: argparse.Namespace) -> None:
@@ -53,17 +110,28 @@ def main(args: argparse.Namespace) -> None:
     apply_overrides(config, {"paths.nnet": args.nnet_path, "sample.steps": args.steps, "sample.scale": args.scale,
                              "sample.cfg_mode": args.cfg_mode, "sample.n_samples": args.n_samples,
                              "sample.batch_size": args.batch_size, "seed": args.seed})
-    prompts = load_prompts(args.prompt_path)
-    output_path = check_output_path(args.output_path)
-    restore_path = Path(args.restore_path)
-    if not restore_path.is_dir():
-        raise SamplingInputError(f"restore path {restore_path} is not a folder (pass the -o folder of train.py)")
-    pipeline = load_pipeline(config, args.device, restore_path, count_parameters=True)
-    print(pipeline.personalization.describe())
-    print(f"finetuned parameters: {pipeline.finetuned_parameters}")
-    made = sample_prompts(pipeline, prompts, output_path, config.sample.n_samples, config.seed,
-                          skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite)
-    print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {output_path}")
+    runs = plan_runs(args)
+    with ExitStack() as folders:
+        for run in runs:
+            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
+        base = load_base(config, args.device)
+        for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
+            pipeline = personalize(base, restore_path, count_parameters=True)
+            for run in group:
+                if args.all:
+                    print(f"== {run.prompt_path} with {restore_path or 'the base model'} -> {run.output_path}")
+                print(pipeline.personalization.describe())
+                print(f"finetuned parameters: {pipeline.finetuned_parameters}", flush=True)
+                prompts = load_prompts(run.prompt_path)
+                made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
+                                      skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite)
+                print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {run.output_path}")
+            del pipeline
+            gc.collect()
+            if base.device.type == "cuda":
+                torch.cuda.empty_cache()
+    if args.all:
+        print(f"sample.py: all {len(runs)} run(s) finished")
 
 
 if __name__ == "__main__":

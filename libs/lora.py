@@ -105,11 +105,17 @@ def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source:
     set_peft_model_state_dict(model, dict(state))
 
 
-def merge_lora(model: nn.Module) -> int:
-    """Fold every LoRA delta into its base weight (inference speed); returns the number of merged layers."""
+def merge_lora(model: nn.Module, source: str | Path = "the adapters") -> int:
+    """Fold every LoRA delta into its base weight (inference speed); returns the number of merged layers.
+
+    The merged weight is a new tensor (peft's safe merge), so base weights shared with other models are never
+    written; a delta holding NaN/inf is refused, naming `source`."""
     merged = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and not module.merged:
-            module.merge()
+            try:
+                module.merge(safe_merge=True)
+            except ValueError as error:  # peft: "NaNs detected in the merged weights"
+                raise CheckpointError(f"{source}: the LoRA weights hold NaN or inf values ({error})") from error
             merged += 1
     return merged

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
 from torch import nn
 
 from libs.checkpoint import CheckpointError, load_safetensors, save_json, save_safetensors
@@ -44,7 +45,7 @@ class Personalization:
 
     def describe(self) -> str:
         if self.kind == "none":
-            return f"no personalization in {self.path}: sampling the plain base model"
+            return "no personalization (--base_model): sampling the plain base model"
         parts = [f"{self.kind} personalization from {self.path}"]
         if self.modifier_token:
             parts.append(f"token {self.modifier_token}")
@@ -84,30 +85,111 @@ def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.
 
 
 def read_meta(restore_path: Path) -> dict[str, Any]:
+    """personalization.json, checked against its schema so a damaged file is named, not a KeyError."""
+    path = restore_path / META_FILE
     try:
-        meta = json.loads((restore_path / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {restore_path / META_FILE}: {error}") from error
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{restore_path / META_FILE} is not a {FORMAT} file (format={meta.get('format')!r})")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{restore_path / META_FILE} has version {meta['version']}; this toolkit reads "
-                              f"up to {FORMAT_VERSION}: update the toolkit")
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}; retrain into this folder (train.py --overwrite)") from error
+    problems = meta_problems(meta)
+    if problems:
+        raise CheckpointError(f"{path} is damaged or not written by train.py: {'; '.join(problems)}; "
+                              "retrain into this folder (train.py --overwrite)")
     return meta
 
 
-def load_personalization(restore_path: str | Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
-    """Apply the personalization stored in `restore_path` onto freshly loaded base models (unmerged)."""
+def _is_lora_spec(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("r"), int) and value["r"] >= 1
+            and isinstance(value.get("alpha"), (int, float)) and isinstance(value.get("target_modules"), list)
+            and all(isinstance(m, str) for m in value["target_modules"]))
+
+
+def meta_problems(meta: Any) -> list[str]:
+    """What is wrong with a parsed personalization.json (empty when it can be used)."""
+    if not isinstance(meta, dict):
+        return [f"it holds a JSON {type(meta).__name__}, not an object"]
+    if meta.get("format") != FORMAT:
+        return [f"format is {meta.get('format')!r}, not {FORMAT!r}"]
+    version = meta.get("version")
+    if not isinstance(version, int):
+        return [f"version {version!r} is not an integer"]
+    if version > FORMAT_VERSION:
+        return [f"version {version} is newer than this toolkit reads ({FORMAT_VERSION}): update the toolkit"]
+    problems = []
+    for key in ("modifier_token", "class_word"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            problems.append(f"{key} must be a string or null")
+    mode = meta.get("text_encoder_mode", "frozen")
+    if mode not in TEXT_ENCODER_MODES:
+        problems.append(f"text_encoder_mode {mode!r} is not one of {', '.join(TEXT_ENCODER_MODES)}")
+    if meta.get("uvit_lora") is not None and not _is_lora_spec(meta["uvit_lora"]):
+        problems.append("uvit_lora must hold r (>= 1), alpha and target_modules")
+    if mode == "lora" and not _is_lora_spec(meta.get("text_lora")):
+        problems.append("text_encoder_mode lora needs text_lora with r (>= 1), alpha and target_modules")
+    return problems
+
+
+class NotAPersonalization(CheckpointError):
+    """The restore folder holds no personalization (a typo'd path, or a run that never finished)."""
+
+
+def folder_contents(restore_path: Path) -> str:
+    """What a folder without a personalization holds, in words, with what to do about it."""
+    from libs.training import list_checkpoints
+
+    checkpoints = list_checkpoints(restore_path)
+    if checkpoints:
+        step = int(checkpoints[-1].name.rsplit("-", 1)[-1])
+        return (f"an unfinished training run at step {step} (checkpoints, no {META_FILE}): resume it with "
+                f"`train.py -d <photos> -o {restore_path} --resume latest`")
+    entries = sorted(p.name for p in restore_path.iterdir() if not p.name.startswith("."))
+    if not entries:
+        return "nothing (an empty folder): is the path right? train.py -o writes the personalization there"
+    shown = ", ".join(entries[:6]) + (" ..." if len(entries) > 6 else "")
+    return f"no {META_FILE} and no reference-entry files (it holds: {shown})"
+
+
+def check_restore_path(restore_path: str | Path) -> None:
+    """Everything about a restore folder that can be checked without models: it holds a personalization
+    (ours with a valid personalization.json and its files, or the reference entry's), else the error says
+    what it holds. Lets a multi-run sampling session fail before it loads anything."""
     restore_path = Path(restore_path)
     if not restore_path.is_dir():
         raise CheckpointError(f"restore path {restore_path} is not a folder; pass the -o folder of train.py")
     if (restore_path / META_FILE).is_file():
-        return _load_ours(restore_path, nnet, text_encoder)
-    from libs.reference_entry import is_reference_entry, load_reference_entry
+        meta = read_meta(restore_path)
+        needed = [TOKEN_FILE] if meta.get("modifier_token") else []
+        needed += [UVIT_LORA_FILE] if meta.get("uvit_lora") else []
+        needed += {"lora": [TEXT_LORA_FILE], "full": [TEXT_FULL_FILE]}.get(meta.get("text_encoder_mode", "frozen"), [])
+        absent = [name for name in needed if not (restore_path / name).is_file()]
+        if absent:
+            raise CheckpointError(f"{restore_path} is incomplete: {META_FILE} lists {', '.join(absent)}, which "
+                                  "is missing; retrain into this folder (train.py --overwrite)")
+        return
+    from libs.reference_entry import is_reference_entry
 
-    if is_reference_entry(restore_path):
-        return load_reference_entry(restore_path, nnet, text_encoder)
-    return Personalization(kind="none", path=restore_path)
+    if not is_reference_entry(restore_path):
+        raise NotAPersonalization(f"{restore_path} holds {folder_contents(restore_path)}; "
+                                  "to sample the plain base model on purpose, pass --base_model")
+
+
+def load_personalization(restore_path: str | Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
+    """Apply the personalization stored in `restore_path` onto fresh base models (unmerged).
+
+    A folder without one is an error that says what the folder holds: sampling the plain base model by
+    accident would silently submit no identity at all."""
+    restore_path = Path(restore_path)
+    check_restore_path(restore_path)
+    if (restore_path / META_FILE).is_file():
+        return _load_ours(restore_path, nnet, text_encoder)
+    from libs.reference_entry import load_reference_entry
+
+    return load_reference_entry(restore_path, nnet, text_encoder)
+
+
+def base_model(label: str = "--base_model") -> Personalization:
+    """The deliberate absence of a personalization."""
+    return Personalization(kind="none", path=Path(label))
 
 
 def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
@@ -121,7 +203,12 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
         if vectors.ndim != 2 or vectors.shape[1] != text_encoder.hidden_size:
             raise CheckpointError(f"{restore_path / TOKEN_FILE}: {token} has shape {tuple(vectors.shape)}, "
                                   f"the text encoder needs [n, {text_encoder.hidden_size}]")
-        text_encoder.add_modifier_token(token, vectors, num_vectors=vectors.shape[0])
+        if not torch.isfinite(vectors).all():
+            raise CheckpointError(f"{restore_path / TOKEN_FILE}: the rows of {token} hold NaN or inf values")
+        try:
+            text_encoder.add_modifier_token(token, vectors, num_vectors=vectors.shape[0])
+        except ValueError as error:
+            raise CheckpointError(f"{restore_path / TOKEN_FILE}: cannot add token {token!r}: {error}") from error
     mode = meta.get("text_encoder_mode", "frozen")
     if mode == "lora":
         spec = LoraSpec.from_dict(meta["text_lora"])
@@ -133,7 +220,7 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
         own = {k for k in text_encoder.transformer.state_dict() if not k.endswith("extra_weight")}
         if set(state) != own:
             raise CheckpointError(f"{restore_path / TEXT_FULL_FILE} does not match the text encoder's parameters")
-        text_encoder.transformer.load_state_dict(state, strict=False)
+        text_encoder.transformer.load_state_dict(state, strict=False, assign=True)  # never into shared base storage
     if meta.get("uvit_lora"):
         spec = LoraSpec.from_dict(meta["uvit_lora"])
         known = dict(nnet.named_modules())

@@ -2,8 +2,8 @@
 written atomically), a `grid.jpg` contact sheet, resumable with `skip_existing`."""
 from __future__ import annotations
 
-import math
 import resource
+import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -17,6 +17,8 @@ from libs.checkpoint import atomic_path
 from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.grids import image_grid
+from libs.models.clip import MAX_LENGTH
+from libs.photos import image_is_complete
 from libs.prompts import image_name, rewrite_prompt
 from libs.sampling import T2IPipeline
 from libs.subjects import CLASS_WORDS
@@ -30,11 +32,8 @@ class SamplingInputError(UserError):
     """Bad user input (prompt file, output folder): reported before any file is written."""
 
 
-def check_output_path(path: str | Path) -> Path:
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SamplingInputError(f"output path {path} is a file, not a folder")
-    return path
+class DiskWriteError(UserError):
+    """An image could not be written (disk full, read-only, permissions): what was and was not written."""
 
 
 def save_jpeg(image: Image.Image, path: Path) -> None:
@@ -58,14 +57,34 @@ def _thumbnail(path: Path, cell: int) -> Image.Image | None:
         return image.convert("RGB").resize((cell, cell), Image.BICUBIC)
 
 
-def missing_samples(num_prompts: int, output_path: Path, n_samples: int, skip_existing: bool) -> list[tuple[int, list[int]]]:
-    """(prompt index, sample indices to make) for every prompt with work left; all of them without skip_existing."""
-    todo = []
+def missing_samples(num_prompts: int, output_path: Path, n_samples: int, skip_existing: bool,
+                    resolution: int | None = None) -> list[tuple[int, int]]:
+    """(prompt index, sample index) of every image to make, in order; all of them without `skip_existing`.
+
+    An existing image is kept only if it decodes to the end (and has the expected size): a truncated or
+    foreign file is made again, never trusted."""
+    todo, redone = [], []
     for index in range(num_prompts):
-        missing = [i for i in range(n_samples) if not (skip_existing and (output_path / image_name(index, i)).is_file())]
-        if missing:
-            todo.append((index, missing))
+        for i in range(n_samples):
+            path = output_path / image_name(index, i)
+            if skip_existing and path.is_file():
+                if _usable(path, resolution):
+                    continue
+                redone.append(path.name)
+            todo.append((index, i))
+    if redone:
+        shown = ", ".join(redone[:5]) + (f", ... ({len(redone)} in all)" if len(redone) > 5 else "")
+        print(f"remaking {len(redone)} existing image(s) that do not decode or have the wrong size: {shown}")
     return todo
+
+
+def _usable(path: Path, resolution: int | None) -> bool:
+    if not image_is_complete(path):
+        return False
+    if resolution is None:
+        return True
+    with Image.open(path) as image:
+        return image.size == (resolution, resolution)
 
 
 def peak_memory() -> str:
@@ -79,38 +98,63 @@ def sample_prompts(pipeline: T2IPipeline, prompts: Sequence[str], output_path: P
     """Write `{prompt_index}-{idx:03}.jpg` for every prompt; returns the number of images made.
 
     Prompts are rewritten with the trained token before encoding; names and seeds use the original index.
+    Images are denoised `config.sample.batch_size` at a time, across prompt boundaries; each image's noise
+    is keyed by (seed, prompt index, sample index), so batching never changes an image.
     """
     personalization = pipeline.personalization
     token = personalization.modifier_token if personalization and rewrite else None
     class_words = [personalization.class_word] if personalization and personalization.class_word else CLASS_WORDS
-    batch_size = pipeline.config.sample.batch_size
-    todo = missing_samples(len(prompts), output_path, n_samples, skip_existing)
-    if len(todo) < len(prompts):
-        print(f"skipping {len(prompts) - len(todo)} prompt(s) whose {n_samples} images already exist")
+    sample = pipeline.config.sample
+    todo = missing_samples(len(prompts), output_path, n_samples, skip_existing, pipeline.config.resolution)
+    done_prompts = len(prompts) - len({index for index, _ in todo})
+    if done_prompts:
+        print(f"skipping {done_prompts} prompt(s) whose {n_samples} images already exist")
     if not todo:
         print("nothing to sample")
         return 0
+    texts = {index: rewrite_prompt(prompts[index], token, class_words) for index, _ in todo}
+    for index, text in texts.items():
+        tokens = pipeline.text_encoder.count_tokens(text)
+        if tokens > MAX_LENGTH:
+            print(f"warning: prompt {index} is {tokens} CLIP tokens; the text encoder reads the first {MAX_LENGTH} "
+                  f"and cuts the rest: {text!r}", file=sys.stderr)
 
-    batches = sum(math.ceil(len(missing) / batch_size) for _, missing in todo)
-    made = 0
-    with tqdm(total=batches * pipeline.config.sample.steps, desc="sampling", unit="step") as bar:
-        for index, missing in todo:
-            started = time.perf_counter()
-            prompt = rewrite_prompt(prompts[index], token, class_words)
-            bar.set_postfix_str(f"prompt {index}")
-            for first in range(0, len(missing), batch_size):
-                sample_indices = missing[first:first + batch_size]
-                start_count = bar.n
+    last_job = {index: (index, i) for index, i in todo}
+    made, started = 0, time.perf_counter()
+    batches = [todo[i:i + sample.batch_size] for i in range(0, len(todo), sample.batch_size)]
+    with tqdm(total=len(batches) * sample.steps, desc="sampling", unit="step") as bar:
+        for batch in batches:
+            start_count = bar.n
+            bar.set_postfix_str(f"prompt {batch[0][0]}" + (f"-{batch[-1][0]}" if batch[-1][0] != batch[0][0] else ""))
 
-                def advance(nfe: int, _t: float, _x: Tensor, start_count: int = start_count) -> None:
-                    bar.update(start_count + nfe - bar.n)
+            def advance(nfe: int, _t: float, _x: Tensor, start_count: int = start_count) -> None:
+                bar.update(start_count + nfe - bar.n)
 
-                generators = [keyed_generator(seed, index, i) for i in sample_indices]
-                images = pipeline.generate([prompt] * len(sample_indices), generators, callback=advance)
-                for i, image in zip(sample_indices, images):
-                    save_jpeg(image, output_path / image_name(index, i))
-                made += len(images)
-            bar.write(f"prompt {index}: {time.perf_counter() - started:.1f}s  {prompt!r}")
-    save_grid(output_path, len(prompts), n_samples)
-    print(f"peak memory: {peak_memory()}")
+            images = pipeline.generate([texts[index] for index, _ in batch],
+                                       [keyed_generator(seed, index, i) for index, i in batch], callback=advance)
+            for (index, i), image in zip(batch, images):
+                _write(image, output_path / image_name(index, i), made, len(todo))
+                made += 1
+                if (index, i) == last_job[index]:
+                    bar.write(f"prompt {index}: {texts[index]!r}")
+    seconds = time.perf_counter() - started
+    _write_grid(output_path, len(prompts), n_samples)
+    print(f"{made} image(s) in {seconds:.1f}s ({seconds / made:.2f}s per image); peak memory: {peak_memory()}")
     return made
+
+
+def _write(image: Image.Image, path: Path, made: int, total: int) -> None:
+    try:
+        save_jpeg(image, path)
+    except OSError as error:
+        raise DiskWriteError(f"cannot write {path}: {error.strerror or error}; {made} of {total} image(s) of this run "
+                             f"were written, the rest were not; free space / fix the folder, then rerun with "
+                             "--skip_existing to make only the missing ones") from error
+
+
+def _write_grid(output_path: Path, num_prompts: int, n_samples: int) -> None:
+    try:
+        save_grid(output_path, num_prompts, n_samples)
+    except OSError as error:
+        raise DiskWriteError(f"cannot write {output_path / GRID_FILE}: {error.strerror or error}; every image was "
+                             "written, only the contact sheet is missing") from error

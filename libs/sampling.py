@@ -11,6 +11,7 @@ prompts are added after it or other prompts are edited, nor with the batch size.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,7 +33,8 @@ from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPTextEncoder
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
 from libs.param_count import count_finetuned_parameters
-from libs.personalization import Personalization, load_personalization
+from libs.errors import UserError
+from libs.personalization import Personalization, base_model, load_personalization
 from libs.precision import autocast, inference_dtype
 
 CFG_MODES = ("true_uncond", "empty_token")
@@ -162,30 +164,77 @@ class T2IPipeline:
         return images
 
 
+def weight_sharing_copy(module: nn.Module) -> nn.Module:
+    """A structural copy of `module` whose parameters are new objects over the same storage.
+
+    Adapters injected into the copy, tokens added to it and safe merges (which make new tensors) change the
+    copy only: the original stays exactly the base model, so personalizations can follow each other in one
+    process without reloading 952 M parameters and without one leaking into the next."""
+    memo = {id(p): nn.Parameter(p.data, requires_grad=False) for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+@dataclass
+class BaseModels:
+    """The models every personalization starts from, loaded once per process (CPU, fp32; the U-ViT's
+    weights memory-mapped from its file); VAE and caption prefix already on the device."""
+
+    config: ml_collections.ConfigDict
+    device: torch.device
+    nnet: nn.Module
+    text_encoder: CLIPTextEncoder
+    autoencoder: AutoencoderKL
+    caption_decoder: CaptionDecoderPrefix
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists here; `cuda` on a machine without CUDA is a user error, not a traceback."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise UserError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+def load_base(config: ml_collections.ConfigDict, device: str | torch.device) -> BaseModels:
+    """Check for every weight file first, then load the base models once."""
+    device = resolve_device(device)
+    ensure_weights(config, SAMPLING_WEIGHTS)
+    return BaseModels(config, device, load_uvit(config, "cpu"), load_text_encoder(config, "cpu"),
+                      load_autoencoder(config, device), load_caption_decoder(config, device))
+
+
+def personalize(base: BaseModels, restore_path: str | Path | None, count_parameters: bool = False) -> T2IPipeline:
+    """The base models with the personalization in `restore_path` (None: the plain base model on purpose):
+    applied to weight-sharing copies, counted (spec §7) if asked while the adapters are still their own
+    parameters, then merged and moved/cast for speed. The base models are left exactly as they were."""
+    nnet = weight_sharing_copy(base.nnet)
+    text_encoder = weight_sharing_copy(base.text_encoder)
+    personalization = (load_personalization(restore_path, nnet, text_encoder) if restore_path is not None
+                       else base_model())
+    finetuned = (count_finetuned_parameters(base.config, nnet, base.autoencoder, text_encoder)
+                 if count_parameters else None)
+    source = str(restore_path)
+    nnet.to(base.device)
+    merge_lora(nnet, source)
+    merge_lora(text_encoder.transformer, source)
+    nnet.to(dtype=inference_dtype(base.device)).eval()
+    text_encoder.to(base.device).eval()
+    with torch.no_grad():
+        empty_text = base.caption_decoder(text_encoder.encode([""]))[0]
+    return T2IPipeline(base.config, nnet, base.autoencoder, text_encoder, base.caption_decoder, base.device,
+                       personalization, finetuned, empty_text)
+
+
 def load_pipeline(config: ml_collections.ConfigDict, device: str | torch.device, restore_path: str | Path | None = None,
                   count_parameters: bool = False) -> T2IPipeline:
-    """Load every model once (fp32, on the CPU), apply the personalization in `restore_path`, count the
-    changed parameters (spec §7) if asked, then merge the adapters and move/cast for speed."""
-    ensure_weights(config, SAMPLING_WEIGHTS)
-    device = torch.device(device)
-    nnet = load_uvit(config, "cpu")
-    text_encoder = load_text_encoder(config, "cpu")
-    autoencoder = load_autoencoder(config, "cpu")
-    caption_decoder = load_caption_decoder(config, "cpu")
-    personalization = load_personalization(restore_path, nnet, text_encoder) if restore_path is not None else None
-    finetuned = count_finetuned_parameters(config, nnet, autoencoder, text_encoder) if count_parameters else None
-
-    nnet.to(device)
-    merge_lora(nnet)
-    merge_lora(text_encoder.transformer)
-    nnet.to(dtype=inference_dtype(device)).eval()
-    text_encoder.to(device).eval()
-    autoencoder.to(device).eval()
-    caption_decoder.to(device).eval()
-    with torch.no_grad():
-        empty_text = caption_decoder(text_encoder.encode([""]))[0]
-    return T2IPipeline(config, nnet, autoencoder, text_encoder, caption_decoder, device, personalization,
-                       finetuned, empty_text)
+    """Base models and one personalization (`restore_path`; None = the plain base model), ready to sample."""
+    return personalize(load_base(config, device), restore_path, count_parameters)
 
 
 def generate_images(config: ml_collections.ConfigDict, prompts: list[str], seeds: list[int], device: str | torch.device,

@@ -95,6 +95,10 @@ class CLIPTextEncoder(nn.Module):
         )
         return tokens.input_ids
 
+    def count_tokens(self, prompt: str) -> int:
+        """CLIP tokens of a prompt, start and end tokens included; more than `max_length` are cut off."""
+        return len(self.tokenizer(self.expand_prompt(prompt), truncation=False, verbose=False).input_ids)
+
     def forward(self, prompts: Sequence[str] | torch.Tensor) -> torch.Tensor:
         input_ids = prompts if isinstance(prompts, torch.Tensor) else self.tokenize(prompts)
         input_ids = input_ids.to(self.transformer.device)

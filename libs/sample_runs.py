@@ -1,0 +1,68 @@
+"""Which sampling runs exist in a competition-shaped folder: every prompt file paired with its subject's
+personalization and its output folder, so `./sample.sh` with no arguments renders whatever split is there.
+
+    eval_prompts/<name>.json                    -> outputs/<name>        (preliminary split)
+    eval_prompts_advance/<name>_{sim,edit}.json -> outputs/<name>_{sim,edit}  (advanced split, 8 runs)
+    personalization: model_output/<name>
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from libs.errors import UserError
+from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+
+PRELIMINARY_PROMPTS = "eval_prompts"
+ADVANCED_PROMPTS = "eval_prompts_advance"
+MODEL_OUTPUT = "model_output"
+OUTPUTS = "outputs"
+SPLITS = ("auto", "preliminary", "advanced")
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """One `sample.py --restore_path --prompt_path --output_path` run (restore_path None: the base model)."""
+
+    restore_path: Path | None
+    prompt_path: Path
+    output_path: Path
+
+
+def _candidates(root: Path, name: str, split: str) -> list[SampleRun]:
+    restore = root / MODEL_OUTPUT / name
+    runs = []
+    if split in ("auto", "preliminary"):
+        runs.append(SampleRun(restore, root / PRELIMINARY_PROMPTS / f"{name}.json", root / OUTPUTS / name))
+    if split in ("auto", "advanced"):
+        runs += [SampleRun(restore, root / ADVANCED_PROMPTS / f"{name}_{part}.json", root / OUTPUTS / f"{name}_{part}")
+                 for part in ADVANCED_SPLITS]
+    return runs
+
+
+def discover_runs(root: str | Path, split: str = "auto", subjects: Sequence[str] = SUBJECTS,
+                  base_model: bool = False) -> list[SampleRun]:
+    """The runs whose prompt file exists, subject by subject (one personalization serves its runs in a row).
+
+    `split` "auto" takes every prompt file there is; "preliminary" / "advanced" take one split and require all
+    of its files. Every problem is found before any model is loaded: no prompt file at all, a missing file of
+    an asked-for split, or a prompt file whose subject has no `model_output/<name>` (unless `base_model`)."""
+    if split not in SPLITS:
+        raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    root = Path(root)
+    candidates = [run for name in subjects for run in _candidates(root, name, split)]
+    runs = [run for run in candidates if run.prompt_path.is_file()]
+    if split != "auto" and len(runs) < len(candidates):
+        missing = [str(run.prompt_path) for run in candidates if not run.prompt_path.is_file()]
+        raise UserError(f"the {split} split needs {len(candidates)} prompt files; missing: {', '.join(missing)}")
+    if not runs:
+        raise UserError(f"no prompt files found under {root}: looked for {PRELIMINARY_PROMPTS}/<name>.json and "
+                        f"{ADVANCED_PROMPTS}/<name>_{{sim,edit}}.json for {', '.join(subjects)}")
+    if base_model:
+        return [SampleRun(None, run.prompt_path, run.output_path) for run in runs]
+    absent = sorted({str(run.restore_path) for run in runs if not run.restore_path.is_dir()})
+    if absent:
+        raise UserError(f"prompt files exist for subjects that have no trained personalization: {', '.join(absent)} "
+                        "missing; train them first (./train.sh), or pass --base_model to sample the plain base model")
+    return runs

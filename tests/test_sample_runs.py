@@ -1,0 +1,173 @@
+"""`./sample.sh` as the organizers run it: every prompt file of the folder in one process, one
+`finetuned parameters` line per prompt file equal to a separate sample.py run, personalizations swapped
+exactly (subject B's images do not depend on subject A running first), and every input checked first."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sample
+from entrypoints import run_entry
+from libs.config import REPO_ROOT
+from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.models.loading import load_text_encoder, load_uvit
+from libs.personalization import save_personalization
+from libs.prompts import image_name
+from libs.subjects import SUBJECTS
+
+COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
+FAST = ["--steps", "2", "--device", "cpu"]
+
+
+def personalization(tiny_config, folder: Path, rank: int, class_word: str, seed: int) -> None:
+    """A small trained-looking personalization (random LoRA B, token row); its rank sets its parameter count."""
+    nnet, text_encoder = load_uvit(tiny_config), load_text_encoder(tiny_config)
+    spec = LoraSpec(r=rank, alpha=float(rank), target_modules=uvit_lora_modules(nnet))
+    add_lora(nnet, spec)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in nnet.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.3
+    text_encoder.add_modifier_token("<new1>", class_word)
+    save_personalization(folder, {"modifier_token": "<new1>", "class_word": class_word, "text_encoder_mode": "token",
+                                  "uvit_lora": spec.to_dict()}, nnet, text_encoder)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world, tmp_path_factory) -> dict[str, Path]:
+    """One personalization per competition subject, each of another rank (so each count differs)."""
+    from libs.config import load_config
+
+    config = load_config("tiny")
+    for key in ("nnet", "autoencoder", "caption_decoder"):
+        config.paths[key] = str(tiny_world / Path(config.paths[key]).name)
+    config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
+    config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
+    root = tmp_path_factory.mktemp("personalizations")
+    folders = {}
+    for rank, name in enumerate(SUBJECTS, start=1):
+        folders[name] = root / name
+        personalization(config, folders[name], rank, "boy" if name.startswith("boy") else "girl", seed=rank)
+    return folders
+
+
+def workspace(root: Path, trained: dict[str, Path], subjects=SUBJECTS, preliminary=False, advanced=False) -> Path:
+    """A competition-shaped folder: sample.sh/sample.py/libs/configs, model_output/ and prompt files."""
+    root.mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "sample.sh", root)
+    for name in ("sample.py", "libs", "configs"):
+        (root / name).symlink_to(REPO_ROOT / name)
+    for name in subjects:
+        shutil.copytree(trained[name], root / "model_output" / name)
+        word = "boy" if name.startswith("boy") else "girl"
+        if preliminary:
+            write_prompts(root / "eval_prompts" / f"{name}.json", [f"a {word} smiling"])
+        if advanced:
+            write_prompts(root / "eval_prompts_advance" / f"{name}_sim.json", [f"a photo of a {word}"])
+            write_prompts(root / "eval_prompts_advance" / f"{name}_edit.json",
+                          [f"a {word} in the snow", f"a {word} wearing a hat"])
+    return root
+
+
+def write_prompts(path: Path, prompts: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(prompts))
+
+
+def run_sample_sh(root: Path, config_file: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "VIRTUAL_ENV": str(Path(sys.executable).parent.parent), "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["bash", str(root / "sample.sh"), "--config", str(config_file), *FAST, *extra],
+                          capture_output=True, text=True, cwd=root.parent, env=env, timeout=900)
+
+
+def single_run_count(config_file: Path, restore: Path, prompts: Path, out: Path, capsys) -> int:
+    """What a separate `python sample.py --restore_path --prompt_path --output_path` prints."""
+    assert run_entry(sample, ["--config", config_file, "--restore_path", restore, "--prompt_path", prompts,
+                              "--output_path", out, *FAST]) == 0
+    (count,) = COUNT_LINE.findall(capsys.readouterr().out)
+    return int(count)
+
+
+@pytest.mark.slow
+def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_config_file, trained, capsys):
+    root = workspace(tmp_path / "ws", trained, advanced=True)
+    done = run_sample_sh(root, tiny_config_file)
+    assert done.returncode == 0, done.stderr
+    assert "found 8 prompt file(s)" in done.stdout
+    counts = [int(c) for c in COUNT_LINE.findall(done.stdout)]
+    assert len(counts) == 8
+    for name in SUBJECTS:
+        for part, n_prompts in (("sim", 1), ("edit", 2)):
+            folder = root / "outputs" / f"{name}_{part}"
+            made = sorted(p.name for p in folder.glob("*-*.jpg"))
+            assert made == sorted(image_name(p, i) for p in range(n_prompts) for i in range(3)), folder
+            assert not (folder / ".lock").exists()
+    expected = {name: single_run_count(tiny_config_file, trained[name], root / "eval_prompts_advance" / f"{name}_sim.json",
+                                       tmp_path / "single" / name, capsys) for name in SUBJECTS}
+    assert counts == [expected[name] for name in SUBJECTS for _ in range(2)]
+    assert len(set(expected.values())) == 4 and min(expected.values()) > 0
+    # the one-process images equal the separate runs' images bit for bit
+    for name in SUBJECTS:
+        for i in range(3):
+            one = (root / "outputs" / f"{name}_sim" / image_name(0, i)).read_bytes()
+            assert one == (tmp_path / "single" / name / image_name(0, i)).read_bytes()
+
+
+@pytest.mark.slow
+def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file, trained):
+    root = workspace(tmp_path / "ws", trained, preliminary=True, advanced=True)
+    done = run_sample_sh(root, tiny_config_file, "--n_samples", "1")
+    assert done.returncode == 0, done.stderr
+    assert len(COUNT_LINE.findall(done.stdout)) == 12 and "found 12 prompt file(s)" in done.stdout
+    assert all((root / "outputs" / task / "0-000.jpg").is_file()
+               for name in SUBJECTS for task in (name, f"{name}_sim", f"{name}_edit"))
+    only = run_sample_sh(root, tiny_config_file, "--n_samples", "1", "--preliminary", "--skip_existing")
+    assert only.returncode == 0, only.stderr
+    assert len(COUNT_LINE.findall(only.stdout)) == 4 and only.stdout.count("nothing to sample") == 4
+
+
+def test_a_personalization_swap_is_exact(tmp_path, tiny_config_file, trained, monkeypatch):
+    """boy2 rendered after boy1 in one process equals boy2 rendered alone, bit for bit."""
+    both = workspace(tmp_path / "both", trained, subjects=["boy1", "boy2"], preliminary=True)
+    alone = workspace(tmp_path / "alone", trained, subjects=["boy2"], preliminary=True)
+    for root in (both, alone):
+        monkeypatch.chdir(root)
+        assert run_entry(sample, ["--all", "--config", tiny_config_file, *FAST, "--n_samples", "2"]) == 0
+    for i in range(2):
+        assert ((both / "outputs" / "boy2" / image_name(0, i)).read_bytes()
+                == (alone / "outputs" / "boy2" / image_name(0, i)).read_bytes())
+    assert ((both / "outputs" / "boy1" / image_name(0, 0)).read_bytes()
+            != (both / "outputs" / "boy2" / image_name(0, 0)).read_bytes())
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no_prompts", "no prompt files found"),
+    ("no_personalization", "have no trained personalization"),
+    ("advanced_incomplete", "the advanced split needs 8 prompt files"),
+    ("bad_prompt_file", "not valid JSON"),
+])
+def test_every_input_is_checked_before_any_run(tmp_path, tiny_config_file, trained, monkeypatch, capsys, case, message):
+    root = workspace(tmp_path / "ws", trained, subjects=["boy1", "girl1"], preliminary=case != "no_prompts")
+    extra = []
+    if case == "no_personalization":
+        write_prompts(root / "eval_prompts" / "girl2.json", ["a girl"])
+    elif case == "advanced_incomplete":
+        write_prompts(root / "eval_prompts_advance" / "boy1_sim.json", ["a boy"])
+        extra = ["--advanced"]
+    elif case == "bad_prompt_file":
+        (root / "eval_prompts" / "girl1.json").write_text("[1, ")
+    monkeypatch.chdir(root)
+    assert run_entry(sample, ["--all", "--config", tiny_config_file, *FAST, *extra]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "Traceback" not in captured.err
+    assert "finetuned parameters" not in captured.out
+    assert not (root / "outputs").exists()  # nothing ran, nothing was created
