@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from libs.config import DEFAULT_CONFIG, apply_overrides, load_config
+from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import UserError, run_cli
 from libs.locks import claimed_folder
 from libs.personalization import check_restore_path
@@ -110,6 +111,7 @@ def main(args: argparse.Namespace) -> None:
     apply_overrides(config, {"paths.nnet": args.nnet_path, "sample.steps": args.steps, "sample.scale": args.scale,
                              "sample.cfg_mode": args.cfg_mode, "sample.n_samples": args.n_samples,
                              "sample.batch_size": args.batch_size, "seed": args.seed})
+    ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else
     runs = plan_runs(args)
     with ExitStack() as folders:
         for run in runs:
