@@ -1,13 +1,16 @@
-# GPU image for the real pipeline. Weights are not baked in: mount them at /workspace/models.
-#   docker build -t unidiffuser-face .
-#   docker run --gpus all --rm -it -v "$PWD/models:/workspace/models" -v "$PWD/train_data:/workspace/train_data" \
-#       -v "$PWD/eval_prompts:/workspace/eval_prompts" -v "$PWD/model_output:/workspace/model_output" \
-#       -v "$PWD/outputs:/workspace/outputs" unidiffuser-face bash -c "./train.sh && ./sample.sh && python score.py"
+# The submission image: code + trained model_output/ + the models the organizers do NOT mount (CLIP ViT-L/14
+# text encoder and tokenizer, CLIP ViT-B/32, insightface buffalo_l), with hub access off.
+# Build it with `make submission` (tools/make_submission.py stages the models into build/submission/models
+# first). The organizers mount eval_prompts_advance/, train_data/ and models/ (uvit_v1.pth, autoencoder_kl.pth,
+# caption_decoder.pth, gpt2/) into /workspace and run, with no arguments:
+#   /workspace/sample.sh > /workspace/results.log 2>&1 ; python score.py
 FROM pytorch/pytorch:2.7.1-cuda12.6-cudnn9-runtime
 
 ENV PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    HF_HOME=/workspace/models/.hf_cache
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    UNIDIFFUSER_EXTRA_MODELS=/opt/unidiffuser/models
 
 WORKDIR /workspace
 
@@ -15,6 +18,8 @@ WORKDIR /workspace
 COPY requirements.txt requirements-nodeps.txt ./
 RUN pip install -r requirements.txt && pip install --no-deps -r requirements-nodeps.txt
 
+# CLIP folders and insightface/models/buffalo_l, looked up here when models/ lacks them (libs/config.py)
+COPY build/submission/models/ /opt/unidiffuser/models/
 COPY . .
 RUN chmod +x train.sh sample.sh
 

@@ -21,10 +21,22 @@ from pathlib import Path
 
 import numpy as np
 
+from libs.config import extra_models_dir
 from libs.errors import UserError
 
 INSIGHTFACE_MODEL = "buffalo_l"
-INSIGHTFACE_ROOT = "~/.insightface"
+INSIGHTFACE_HOME = "~/.insightface"  # insightface's own default
+
+
+def default_insightface_root() -> str:
+    """$UNIDIFFUSER_EXTRA_MODELS/insightface when it holds the model pack (the submission image), else ~/.insightface."""
+    extra = extra_models_dir()
+    if extra is not None and any((extra / "insightface" / "models" / INSIGHTFACE_MODEL).glob("*.onnx")):
+        return str(extra / "insightface")
+    return INSIGHTFACE_HOME
+
+
+INSIGHTFACE_ROOT = default_insightface_root()
 INSIGHTFACE_DET_SIZE = (640, 640)
 DLIB_SAME_PERSON_DISTANCE = 0.6  # dlib's documented decision threshold for its 128-d face codes
 BACKENDS = ("insightface", "dlib")

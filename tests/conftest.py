@@ -34,16 +34,21 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_world("tiny", tmp_path_factory.mktemp("tiny_world") / "models")
 
 
-@pytest.fixture()
-def tiny_config(tiny_world: Path) -> ml_collections.ConfigDict:
-    """A fresh tiny config (safe to mutate) whose weight paths point at the session's tiny world."""
+def tiny_world_config(tiny_world: Path) -> ml_collections.ConfigDict:
+    """The tiny config with its weight paths pointing at the tiny world in `tiny_world`."""
     config = load_config("tiny")
     config.paths.nnet = str(tiny_world / "uvit_v1.pth")
     config.paths.autoencoder = str(tiny_world / "autoencoder_kl.pth")
     config.paths.caption_decoder = str(tiny_world / "caption_decoder.pth")
     config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
     config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
-    return copy.deepcopy(config)
+    return config
+
+
+@pytest.fixture()
+def tiny_config(tiny_world: Path) -> ml_collections.ConfigDict:
+    """A fresh tiny config (safe to mutate) whose weight paths point at the session's tiny world."""
+    return copy.deepcopy(tiny_world_config(tiny_world))
 
 
 @pytest.fixture()

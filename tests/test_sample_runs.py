@@ -12,51 +12,23 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import sample
+from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
-from libs.lora import LoraSpec, add_lora, uvit_lora_modules
-from libs.models.loading import load_text_encoder, load_uvit
-from libs.personalization import save_personalization
 from libs.prompts import image_name
 from libs.subjects import SUBJECTS
+from personalizations import write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
 FAST = ["--steps", "2", "--device", "cpu"]
 
 
-def personalization(tiny_config, folder: Path, rank: int, class_word: str, seed: int) -> None:
-    """A small trained-looking personalization (random LoRA B, token row); its rank sets its parameter count."""
-    nnet, text_encoder = load_uvit(tiny_config), load_text_encoder(tiny_config)
-    spec = LoraSpec(r=rank, alpha=float(rank), target_modules=uvit_lora_modules(nnet))
-    add_lora(nnet, spec)
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in nnet.named_parameters():
-        if "lora_B" in name:
-            param.data = torch.randn(param.shape, generator=generator) * 0.3
-    text_encoder.add_modifier_token("<new1>", class_word)
-    save_personalization(folder, {"modifier_token": "<new1>", "class_word": class_word, "text_encoder_mode": "token",
-                                  "uvit_lora": spec.to_dict()}, nnet, text_encoder)
-
-
 @pytest.fixture(scope="module")
 def trained(tiny_world, tmp_path_factory) -> dict[str, Path]:
     """One personalization per competition subject, each of another rank (so each count differs)."""
-    from libs.config import load_config
-
-    config = load_config("tiny")
-    for key in ("nnet", "autoencoder", "caption_decoder"):
-        config.paths[key] = str(tiny_world / Path(config.paths[key]).name)
-    config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
-    config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
-    root = tmp_path_factory.mktemp("personalizations")
-    folders = {}
-    for rank, name in enumerate(SUBJECTS, start=1):
-        folders[name] = root / name
-        personalization(config, folders[name], rank, "boy" if name.startswith("boy") else "girl", seed=rank)
-    return folders
+    return write_subjects(tiny_world_config(tiny_world), tmp_path_factory.mktemp("personalizations"))
 
 
 def workspace(root: Path, trained: dict[str, Path], subjects=SUBJECTS, preliminary=False, advanced=False) -> Path:

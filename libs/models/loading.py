@@ -17,6 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjec
 from transformers.utils import logging as hf_logging
 
 from libs.checkpoint import DOWNLOAD_HINT, CheckpointError, load_strict, load_torch_state_dict
+from libs.config import EXTRA_MODELS_ENV, extra_models_dir, hub_offline
 from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPImageEncoder, CLIPTextEncoder
@@ -43,13 +44,20 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def resolve_pretrained(local: str, hub_id: str, what: str) -> str:
-    """A local Hugging Face folder when it holds a model, else the hub id (downloaded/cached by transformers)."""
-    folder = Path(local) if local else None
-    if folder is not None and (folder / "config.json").is_file():
-        return str(folder)
+    """Where a Hugging Face model is loaded from: the config's local folder when it holds a model, else the
+    folder of the same name under $UNIDIFFUSER_EXTRA_MODELS (the submission image's baked models), else the
+    hub id (downloaded, or found in the hub cache when HF_HUB_OFFLINE=1)."""
+    candidates = [Path(local)] if local else []
+    extra = extra_models_dir()
+    if extra is not None and local:
+        candidates.append(extra / Path(local).name)
+    for folder in candidates:
+        if (folder / "config.json").is_file():
+            return str(folder)
     if hub_id:
         return hub_id
-    raise CheckpointError(f"{what} not found: {folder} has no config.json\n  -> {DOWNLOAD_HINT}")
+    looked = " or ".join(str(folder) for folder in candidates) or "no local folder configured"
+    raise CheckpointError(f"{what} not found: no config.json in {looked}\n  -> {DOWNLOAD_HINT}")
 
 
 def _frozen(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -138,7 +146,9 @@ def _from_pretrained(cls, source: str, what: str):
         with quiet_transformers():
             return cls.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the {what} from {source!r}: {str(error).splitlines()[0]}\n"
+        offline = (f" (hub access is off: HF_HUB_OFFLINE=1; put the model folder into models/ or "
+                   f"${EXTRA_MODELS_ENV})" if hub_offline() and not Path(source).is_dir() else "")
+        raise CheckpointError(f"cannot load the {what} from {source!r}{offline}: {str(error).splitlines()[0]}\n"
                               f"  -> {DOWNLOAD_HINT}") from error
 
 
