@@ -25,10 +25,10 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
 tiny-world: setup
-	$(PY) -m libs.tiny_world
+	$(PY) tools/tiny_world.py
 
 demo: setup
-	$(PY) -m libs.demo
+	$(PY) tools/demo.py
 
 clean:
 	rm -rf tiny_world demo_run .pytest_cache

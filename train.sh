@@ -3,7 +3,7 @@
 #
 #   ./train.sh [extra train.py flags...]        e.g. ./train.sh --train_step 600 --rank 16
 #
-# Photos: train_data_crop/<name> when it exists (made by `python -m libs.preprocess crop`), else
+# Photos: train_data_crop/<name> when it exists (made by `python tools/crop.py`), else
 # train_data/<name>. Output: model_output/<name>. Prior preservation uses class_data/boy or
 # class_data/girl when present (`python -m libs.class_images ...`), and is switched off otherwise.
 # A re-run continues an interrupted subject and skips finished ones (--resume latest); pass

@@ -77,8 +77,12 @@ class FaceBackend(abc.ABC):
         """The one face every step uses (cropping, training's framing, scoring): the first face in `detect`'s
         order (the competition's "first face") among detections scoring at least `min_score` (default: the
         backend's `min_score`), None when there is none."""
+        return self.first_face(self.detect(image), min_score)
+
+    def first_face(self, faces: list[DetectedFace], min_score: float | None = None) -> DetectedFace | None:
+        """`primary_face`'s rule applied to detections already made (cropping also records every score)."""
         threshold = self.min_score if min_score is None else min_score
-        return next((face for face in self.detect(image) if face.score >= threshold), None)
+        return next((face for face in faces if face.score >= threshold), None)
 
     def embed_first(self, image: np.ndarray) -> np.ndarray | None:
         """Embedding of the primary face (the competition's rule), None when no face is found."""

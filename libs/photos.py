@@ -17,6 +17,7 @@ from libs.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS_FILE = "crops.json"  # written by tools/crop.py beside the crops; face boxes in the crops' pixels
+MASKS_FOLDER = "masks"  # person masks beside the crops, in a subfolder so no photo listing sees them
 
 Box = tuple[float, float, float, float]
 """x0, y0, x1, y1 in pixels."""
@@ -85,7 +86,10 @@ def image_is_complete(path: str | Path) -> bool:
 #  "photos": {"<source photo name>": {"output": "<crop file name>" | null, "status": "face" | "center" |
 #             "skipped" | "error", "face_box": [x0, y0, x1, y1] in the crop's pixels | null,
 #             "source_face_box": [...] in the photo's pixels | null, "crop_box": [...] in the photo's pixels,
-#             ... detection details ...}}}
+#             "mask": "masks/<crop stem>.png" | null, ... detection details ...}}}
+# A mask (written when the background was removed) is the person mask of its crop: 8-bit grayscale, the crop's
+# size, 255 = person, 0 = background and the part of the crop box outside the photo; the alpha the crop's
+# background colour was composited with.
 
 
 def write_crops_record(folder: Path, settings: dict[str, Any], photos: dict[str, dict[str, Any]]) -> None:
@@ -119,3 +123,20 @@ def face_boxes(folder: str | Path) -> dict[str, Box]:
         if output and isinstance(box, list) and len(box) == 4 and (folder / output).is_file():
             boxes[output] = tuple(float(v) for v in box)
     return boxes
+
+
+def person_masks(folder: str | Path) -> dict[str, Path]:
+    """{crop file name: its person mask} from the folder's `crops.json`, for crops and masks that exist
+    (empty without background removal or without a `crops.json`)."""
+    folder = Path(folder)
+    data = read_crops_record(folder)
+    masks: dict[str, Path] = {}
+    for entry in (data or {}).get("photos", {}).values():
+        if not isinstance(entry, dict):
+            continue
+        output, mask = entry.get("output"), entry.get("mask")
+        if not (isinstance(output, str) and isinstance(mask, str)):
+            continue
+        if (folder / output).is_file() and (folder / mask).is_file():
+            masks[output] = folder / mask
+    return masks

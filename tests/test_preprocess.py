@@ -1,5 +1,5 @@
-"""libs.preprocess on real public-domain photos with the offline dlib face detector, and the real rembg
-code path with tiny ONNX segmentation models built here."""
+"""libs.preprocess and tools/crop.py on real public-domain photos with the offline dlib face detector, and
+the real rembg code path with tiny ONNX segmentation models built here."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from PIL import Image
 from libs import preprocess
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
+from libs.photos import list_images, person_masks
 from libs.preprocess import CropSettings, center_crop_box, crop_dataset, face_crop_box
 from tools import crop
 
@@ -145,6 +146,8 @@ def test_crop_finds_faces_and_writes_crops_and_metadata(train_data: Path, tmp_pa
     # camera has no frontal face: reported, and center-cropped by default
     assert photos["camera.jpeg"]["status"] == "center" and photos["camera.jpeg"]["face_box"] is None
     assert photos["camera.jpeg"]["crop_box"] == [0, 0, 512, 512]
+    assert all(entry["mask"] is None for entry in photos.values())  # no background removal, no person masks
+    assert not (out / "person" / "masks").exists() and person_masks(out / "person") == {}
     assert (out / "person" / "camera.jpg").is_file()
     printed = capsys.readouterr().out
     assert "no face found: camera.jpeg (center-cropped)" in printed
@@ -263,15 +266,79 @@ def test_rembg_custom_model_replaces_the_background(train_data: Path, tmp_path: 
         assert _mean_abs(after.crop((272, 0, 512, 512)), original.crop((272, 0, 512, 512))) < 4  # person half kept
 
 
+def test_rembg_keeps_each_crops_person_mask(train_data: Path, tmp_path: Path, half_mask_onnx: Path,
+                                            rembg_home: Path, public_photos: dict[str, Image.Image]) -> None:
+    out = tmp_path / "removed"
+    green = (0, 200, 0)
+    assert main(["-i", str(train_data), "-o", str(out), *DLIB, "--bg_color", "0,200,0",
+                 "--rembg_model_path", str(half_mask_onnx)]) == 0
+    folder = out / "person"
+    photos = _crops(out)["photos"]
+    assert person_masks(folder) == {f"{stem}.jpg": folder / "masks" / f"{stem}.png"
+                                    for stem in ("astronaut", "camera", "grace_hopper")}
+    for entry in photos.values():
+        assert entry["mask"] == f"masks/{Path(entry['output']).stem}.png"
+        with Image.open(folder / entry["output"]) as crop_file, Image.open(folder / entry["mask"]) as mask_file:
+            assert mask_file.format == "PNG" and mask_file.mode == "L" and mask_file.size == crop_file.size
+            crop, mask = np.asarray(crop_file).astype(int), np.asarray(mask_file)
+        assert set(np.unique(mask)) >= {0, 255}
+        assert (mask[:, :240] == 0).all() and (mask[:, 272:] == 255).all()  # the model keeps the right half
+        assert np.abs(crop[mask == 0] - green).mean() < 2  # background pixels are the colour (JPEG aside)
+    entry = photos["astronaut.jpg"]
+    original = public_photos["astronaut"].resize((512, 512), Image.Resampling.LANCZOS, box=tuple(entry["crop_box"]))
+    crop = Image.open(folder / "astronaut.jpg")
+    assert _mean_abs(crop.crop((272, 0, 512, 512)), original.crop((272, 0, 512, 512))) < 4  # person where mask is 255
+    # training lists the folder flat: crops only, never a mask
+    assert [p.name for p in list_images(folder)] == ["astronaut.jpg", "camera.jpg", "grace_hopper.jpg"]
+
+    # a crop box reaching past the photo: that margin is background in the mask too
+    wide = tmp_path / "wide"
+    settings = CropSettings(face_backend="dlib", size=(1024, 128), face_scale=1.0, rembg_model="u2net_custom",
+                            rembg_model_path=str(half_mask_onnx), bg_color=green)
+    (report,) = crop_dataset(train_data, wide, settings)
+    entry = report.entries["astronaut.jpg"]
+    x0, _, x1, _ = entry["crop_box"]
+    assert x0 < 0 and x1 > 512
+    right_margin = round((x1 - 512) / (x1 - x0) * 1024)
+    mask = np.asarray(Image.open(wide / "person" / entry["mask"]))
+    assert mask.shape == (128, 1024) and (mask[:, 1024 - right_margin + 1:] == 0).all()
+    assert (mask[:, 600:1024 - right_margin - 1] == 255).all()  # the photo's right half, inside the box
+
+    # stale crops take their masks with them; a run without background removal keeps no masks
+    (train_data / "person" / "grace_hopper.png").unlink()
+    (report,) = crop_dataset(train_data, out, CropSettings(face_backend="dlib", rembg_model="u2net_custom",
+                                                           rembg_model_path=str(half_mask_onnx), bg_color=green))
+    assert not (folder / "grace_hopper.jpg").exists() and not (folder / "masks" / "grace_hopper.png").exists()
+    assert "mask: masks/grace_hopper.png (from grace_hopper.png)" in report.removed
+    assert sorted(p.name for p in (folder / "masks").iterdir()) == ["astronaut.png", "camera.png"]
+    (report,) = crop_dataset(train_data, out, CropSettings(face_backend="dlib", rembg=False))
+    assert sorted(report.fresh) == ["astronaut.jpg", "camera.jpeg"]
+    assert all(entry["mask"] is None for entry in report.entries.values()) and person_masks(folder) == {}
+    assert list((folder / "masks").iterdir()) == [] and (folder / "astronaut.jpg").is_file()
+
+
+def test_a_deleted_mask_redoes_its_crop(train_data: Path, tmp_path: Path, half_mask_onnx: Path,
+                                        rembg_home: Path) -> None:
+    settings = CropSettings(face_backend="dlib", rembg_model="u2net_custom", rembg_model_path=str(half_mask_onnx))
+    crop_dataset(train_data, tmp_path / "out", settings)
+    (tmp_path / "out" / "person" / "masks" / "camera.png").unlink()
+    (report,) = crop_dataset(train_data, tmp_path / "out", settings)
+    assert report.fresh == ["camera.jpeg"] and (tmp_path / "out" / "person" / "masks" / "camera.png").is_file()
+
+
 def test_rembg_named_model_from_the_model_folder(half_mask_onnx: Path, rembg_home: Path) -> None:
     target = rembg_home / "models" / "u2net" / "u2net.onnx"
     target.parent.mkdir(parents=True)
     target.write_bytes(half_mask_onnx.read_bytes())
     remover = preprocess.BackgroundRemover("u2net", bg_color=(0, 255, 0))
-    cut = np.asarray(remover(Image.new("RGB", (64, 48), (10, 20, 30))))
-    assert cut.shape == (48, 64, 3)
+    cutout = remover(Image.new("RGB", (64, 48), (10, 20, 30)))
+    cut, mask = np.asarray(cutout.image), np.asarray(cutout.mask)
+    assert cut.shape == (48, 64, 3) and cutout.mask.mode == "L" and mask.shape == (48, 64)
     assert (np.abs(cut[:, :28].astype(int) - [0, 255, 0]) <= 1).all()  # background: the chosen colour
     assert (np.abs(cut[:, 36:].astype(int) - [10, 20, 30]) <= 2).all()  # foreground: untouched
+    # the mask is the alpha the colour was composited with: exactly the colour where it is 0, the photo at 255
+    assert (mask[:, :28] == 0).all() and (mask[:, 36:] == 255).all()
+    assert (cut[mask == 0] == [0, 255, 0]).all() and (cut[mask == 255] == [10, 20, 30]).all()
 
 
 def test_missing_rembg_model_says_what_to_download(train_data: Path, tmp_path: Path, rembg_home: Path,

@@ -6,7 +6,8 @@ framing around the detected face, the training size without squashing the aspect
 `-i` is either a root holding one folder per subject (`train_data/<name>/`) or one subject folder
 (then the crops go straight into `-o`). Every output folder gets a `crops.json` recording, per photo,
 the face box (in the crop's pixels), crop box, detection score, backend and status; re-runs skip photos
-whose source hash and settings are unchanged.
+whose source hash and settings are unchanged. With background removal, each crop's person mask
+(255 = person) is kept as `masks/<crop stem>.png` in the output folder.
 """
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     crop.add_argument("--min_face_score", type=float, default=None,
                       help="ignore weaker detections (default: dlib %s, insightface %s)"
                       % (DlibBackend.min_score, InsightFaceBackend.min_score))
-    crop.add_argument("--no_rembg", action="store_true", help="only crop, keep the original background")
+    crop.add_argument("--no_rembg", action="store_true", help="only crop, keep the original background (no person masks)")
     crop.add_argument("--rembg_model", default=None,
                       help=f"rembg model name (default {DEFAULT_REMBG_MODEL}; u2net_custom with --rembg_model_path)")
     crop.add_argument("--rembg_model_path", default=None, help="a local ONNX file for a custom rembg model")
