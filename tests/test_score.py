@@ -2,6 +2,7 @@
 photos, tiny (random but real) CLIP models, the real file layout, reports and command line."""
 from __future__ import annotations
 
+import ast
 import csv
 import json
 import re
@@ -20,9 +21,12 @@ from entrypoints import run_entry
 from libs.errors import UserError
 from libs.models.clip import clip_image_preprocess
 from libs.face import DlibBackend, InsightFaceBackend
-from libs.scoring import (REPORT_HTML, RESULTS_CSV, RESULTS_JSON, Scorer, ScoringError, ScoringWarning, detect_split,
-                          reference_photos, score_outputs)
+from libs.photos import PhotoError
 from libs.photos import open_image as load_rgb
+from libs.prompts import image_name
+from libs.score_report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON
+from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
+from libs.subjects import SUBJECTS
 from test_face import synthetic_face, write_tiny_insightface_pack
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
@@ -169,16 +173,40 @@ def test_image_scores_match_the_formula(scored, run_dir: Path, reference: Refere
     assert not grey.face_found and grey.face == 0.0 and grey.clip_img > 0.0
 
 
-def test_in_memory_images_score_like_files(scored, run_dir: Path, scorer: Scorer):
-    """Training can rank checkpoints on images it has not written to disk; the numbers must be the same."""
-    result, _ = scored
-    on_disk = result.tasks["grace"].prompts[0]
-    images = [load_rgb(run_dir / f"outputs/grace/0-00{idx}.jpg") for idx in range(3)]
-    in_memory = scorer.score_images(run_dir / "train_data/grace", on_disk.prompt, images)
-    for got, expected in zip(in_memory.images, on_disk.images):
-        assert (got.face_found, got.face, got.clip_img, got.clip_text) == pytest.approx(
-            (expected.face_found, expected.face, expected.clip_img, expected.clip_text), abs=1e-6)
-    assert in_memory.face == pytest.approx(on_disk.face)
+def test_in_memory_images_score_like_files_with_the_same_pixels(run_dir: Path, tmp_path: Path, scorer: Scorer,
+                                                                public_photos):
+    """Training scores PIL images with score_images, score.py scores files: the same pixels must give the same
+    numbers. Lossless files hold the pixels that were saved; a JPEG file holds other pixels, so its numbers
+    are those of its decoded pixels."""
+    astronaut, grace = public_photos["astronaut"].resize((200, 200)), public_photos["grace_hopper"].resize((200, 234))
+    rendered = [[astronaut, grace, Image.new("RGB", (200, 200), (128, 128, 128))],
+                [grace.transpose(Image.Transpose.FLIP_LEFT_RIGHT), astronaut.crop((20, 0, 180, 200)), astronaut]]
+    prompts = ["a photo of a woman astronaut", "an old portrait of a woman in a navy uniform, oil painting"]
+    for index, images in enumerate(rendered):
+        for idx, image in enumerate(images):
+            _save(image, tmp_path / "png" / image_name(index, idx), format="PNG")  # lossless, under the graded name
+            _save(image, tmp_path / "jpeg" / image_name(index, idx), quality=75)
+    ref_dir = run_dir / "train_data/astro"
+    from_png = scorer.score_task(ref_dir, prompts, tmp_path / "png")
+    from_jpeg = scorer.score_task(ref_dir, prompts, tmp_path / "jpeg")
+
+    def numbers(prompt_score):
+        return [(i.found, i.face_found, i.face, i.clip_img, i.clip_text) for i in prompt_score.images]
+
+    jpeg_changed_numbers = False
+    for index, (prompt, images) in enumerate(zip(prompts, rendered)):
+        decoded = [load_rgb(tmp_path / "jpeg" / image_name(index, idx)) for idx in range(3)]
+        in_memory = scorer.score_images(ref_dir, prompt, images, index=index)
+        in_memory_decoded = scorer.score_images(ref_dir, prompt, decoded, index=index)
+        for got, expected in [(in_memory, from_png.prompts[index]), (in_memory_decoded, from_jpeg.prompts[index])]:
+            assert (got.index, got.prompt, got.num_tokens) == (expected.index, expected.prompt, expected.num_tokens)
+            for got_image, expected_image in zip(numbers(got), numbers(expected), strict=True):
+                assert got_image[:2] == expected_image[:2]
+                assert got_image[2:] == pytest.approx(expected_image[2:], abs=1e-6)
+        jpeg_changed_numbers |= any(abs(a - b) > 1e-6 for x, y in zip(numbers(in_memory), numbers(in_memory_decoded))
+                                    for a, b in zip(x[2:], y[2:]))
+    assert any(i.face_found for i in from_png.images) and any(not i.face_found for i in from_png.images)
+    assert jpeg_changed_numbers, "JPEG encoding changes pixels: compare files with their decoded pixels"
 
 
 def test_missing_and_corrupt_images_score_zero_and_are_listed(scored, run_dir: Path):
@@ -295,16 +323,19 @@ def test_advanced_split_is_detected_and_gives_five_numbers(run_dir: Path, tmp_pa
 
 # --- inputs --------------------------------------------------------------------------------------
 
-def test_reference_photos_take_jpg_jpeg_png_and_fix_exif(tmp_path: Path, public_photos):
+def test_reference_photos_take_jpg_jpeg_png_webp_and_fix_exif(tmp_path: Path, public_photos, scorer: Scorer):
     astronaut = public_photos["astronaut"]
     exif = Image.Exif()
     exif[0x0112] = 6  # stored rotated: viewers must turn it 90 degrees clockwise
     _save(astronaut.transpose(Image.Transpose.ROTATE_90), tmp_path / "rotated.JPG", exif=exif, quality=95)
     _save(astronaut, tmp_path / "b.jpeg")
     _save(astronaut, tmp_path / "c.png")
+    _save(astronaut, tmp_path / "d.webp", lossless=True)
     (tmp_path / "notes.txt").write_text("not a photo")
     _save(astronaut, tmp_path / ".hidden.jpg")
-    assert [p.name for p in reference_photos(tmp_path)] == ["b.jpeg", "c.png", "rotated.JPG"]
+    references = scorer.references(tmp_path).references
+    assert [Path(r.path).name for r in references] == ["b.jpeg", "c.png", "d.webp", "rotated.JPG"]
+    assert all(r.face_found for r in references)  # the rotated photo is read upright: dlib finds its face
     upright = np.asarray(load_rgb(tmp_path / "rotated.JPG"), dtype=np.float32)
     assert upright.shape == (512, 512, 3)
     assert np.abs(upright - np.asarray(astronaut, dtype=np.float32)).mean() < 8
@@ -317,7 +348,7 @@ def test_missing_inputs_are_clear_errors(run_dir: Path, tmp_path: Path, scorer: 
         score_outputs(run_dir / "train_data", run_dir / "eval_prompts", tmp_path / "outputs", tasks=["astro"], scorer=scorer)
     with pytest.raises(UserError, match="prompt file not found"):
         scorer.score_task(run_dir / "train_data/astro", tmp_path / "none.json", run_dir / "outputs/astro")
-    with pytest.raises(ScoringError, match="no reference photos"):
+    with pytest.raises(PhotoError, match="no reference photos"):
         scorer.score_task(tmp_path, ["x"], run_dir / "outputs/astro")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"0": "a prompt"}))
@@ -381,7 +412,139 @@ def test_command_line_scores_and_prints_the_summary(run_dir: Path, positive_clip
     args = score.parse_args(["--dataset", str(run_dir / "train_data"), "--prompts", str(run_dir / "eval_prompts"),
                              "--outputs", str(outputs), "--tasks", "grace", "--face_backend", "dlib",
                              "--clip_model", str(positive_clip_dir), "--device", "cpu"])
-    result = score.main(args)
+    [result] = score.main(args)
     printed = capsys.readouterr().out
-    assert str(result.preliminary) in printed and "not comparable" in printed
+    assert printed.splitlines()[-1] == str(result.preliminary)  # the graders read the last line
+    assert "not comparable" in printed
     assert (outputs / REPORT_HTML).is_file() and (outputs / RESULTS_JSON).is_file()
+
+
+# --- `python score.py` with no arguments: score what was rendered ---------------------------------
+
+SIM_PROMPTS, EDIT_PROMPTS = ["a photo of a {}"], ["a {} on the moon", "a {} in a forest, oil painting"]
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory, public_photos) -> Path:
+    """A competition workspace for the four subjects: one reference photo each, the local eval_prompts/ and
+    eval_prompts_advance/ prompt files, and every split's images under rendered/ (tests copy what they need
+    into outputs/)."""
+    root = tmp_path_factory.mktemp("workspace")
+    faces = [public_photos["astronaut"].resize((160, 160)), public_photos["grace_hopper"].resize((160, 187))]
+    for k, subject in enumerate(SUBJECTS):
+        word = "boy" if subject.startswith("boy") else "girl"
+        _save(faces[k % 2], root / f"train_data/{subject}/photo.jpg", quality=95)
+        splits = {subject: SIM_PROMPTS, f"{subject}_sim": SIM_PROMPTS, f"{subject}_edit": EDIT_PROMPTS}
+        for task, prompts in splits.items():
+            folder = "eval_prompts" if task == subject else "eval_prompts_advance"
+            _write_prompts(root / folder / f"{task}.json", [p.format(word) for p in prompts])
+            for index in range(len(prompts)):
+                for idx in range(3):
+                    _save(faces[(k + idx) % 2], root / "rendered" / task / image_name(index, idx), quality=90)
+    return root
+
+
+def _workspace(rendered: Path, where: Path, tasks: list[str], advanced_prompts: bool = True) -> Path:
+    """`where` as the organizers' /workspace: train_data/, eval_prompts/ [, eval_prompts_advance/], outputs/<tasks>."""
+    for folder in ["train_data", "eval_prompts"] + (["eval_prompts_advance"] if advanced_prompts else []):
+        shutil.copytree(rendered / folder, where / folder)
+    for task in tasks:
+        shutil.copytree(rendered / "rendered" / task, where / "outputs" / task)
+    return where
+
+
+def _no_arguments(tiny_config_file: Path) -> list[str]:
+    """No scoring arguments: only the offline face backend and the tiny world's CLIP (through the config)."""
+    return ["--face_backend", "dlib", "--config", str(tiny_config_file), "--device", "cpu"]
+
+
+def _summaries(printed: str) -> list[dict]:
+    return [ast.literal_eval(line) for line in printed.splitlines() if line.startswith("{")]
+
+
+def test_no_arguments_scores_the_advanced_split_when_it_was_rendered(rendered: Path, tmp_path: Path,
+                                                                      tiny_config_file: Path, monkeypatch, capsys):
+    """The organizers' run: eval_prompts_advance/ mounted, outputs/<name>_sim|_edit rendered. The local
+    eval_prompts/ files are there too and a stale outputs/boy1 is left over: the preliminary split is only
+    partly rendered, so it is left out with a warning."""
+    tasks = [f"{s}_{split}" for s in SUBJECTS for split in ("sim", "edit")]
+    monkeypatch.chdir(_workspace(rendered, tmp_path, tasks + ["boy1"]))
+    assert run_entry(score, _no_arguments(tiny_config_file)) == 0
+    captured = capsys.readouterr()
+    assert "preliminary split only partly rendered" in captured.err and "outputs/boy2/" in captured.err
+    data = json.loads((tmp_path / "outputs" / RESULTS_JSON).read_text())
+    assert data["split"] == "advanced" and list(data["tasks"]) == tasks
+    last = ast.literal_eval(captured.out.splitlines()[-1])
+    assert set(last) == {"sim_face", "sim_clip_img", "edit_face", "edit_clip_img", "edit_clip_text"}
+    assert last == pytest.approx(data["summary"])
+    assert len(data["tasks"]["boy1_edit"]["prompts"]) == len(EDIT_PROMPTS)
+
+
+def test_no_arguments_scores_the_preliminary_split_when_it_was_rendered(rendered: Path, tmp_path: Path,
+                                                                         tiny_config_file: Path, monkeypatch, capsys):
+    monkeypatch.chdir(_workspace(rendered, tmp_path, list(SUBJECTS), advanced_prompts=False))
+    assert run_entry(score, _no_arguments(tiny_config_file)) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / "outputs" / RESULTS_JSON).read_text())
+    assert data["split"] == "preliminary" and list(data["tasks"]) == list(SUBJECTS)
+    assert _summaries(printed) == [pytest.approx(data["summary"])]
+    assert set(_summaries(printed)[0]) == {"face", "img_clip", "text_clip"}
+    assert printed.splitlines()[-1].startswith("{")
+
+
+def test_no_arguments_scores_both_splits_as_two_labelled_dicts(rendered: Path, tmp_path: Path, tiny_config_file: Path,
+                                                                monkeypatch, capsys):
+    tasks = list(SUBJECTS) + [f"{s}_{split}" for s in SUBJECTS for split in ("sim", "edit")]
+    monkeypatch.chdir(_workspace(rendered, tmp_path, tasks))
+    assert run_entry(score, _no_arguments(tiny_config_file)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-4].startswith("preliminary split (eval_prompts/)") and lines[-2].startswith("advanced split (eval_prompts_advance/)")
+    preliminary, advanced = ast.literal_eval(lines[-3]), ast.literal_eval(lines[-1])
+    data = json.loads((tmp_path / "outputs" / RESULTS_JSON).read_text())
+    assert data["summaries"] == {"preliminary": pytest.approx(preliminary), "advanced": pytest.approx(advanced)}
+    assert list(data["splits"]["preliminary"]["tasks"]) == list(SUBJECTS)
+    assert list(data["splits"]["advanced"]["tasks"]) == tasks[len(SUBJECTS):]
+    rows = list(csv.DictReader((tmp_path / "outputs" / RESULTS_CSV).open()))
+    assert {r["task"] for r in rows} == set(tasks)
+    page = (tmp_path / "outputs" / REPORT_HTML).read_text()
+    assert "split: <b>preliminary</b>" in page and "split: <b>advanced</b>" in page
+    assert all(f"id='{task}'" in page for task in tasks)
+
+    # each dict is what scoring that split alone gives
+    explicit = ["--prompts", "eval_prompts_advance", *_no_arguments(tiny_config_file)]
+    assert run_entry(score, explicit) == 0
+    assert ast.literal_eval(capsys.readouterr().out.splitlines()[-1]) == pytest.approx(advanced)
+
+
+def test_no_arguments_with_nothing_rendered_says_what_was_looked_for(rendered: Path, tmp_path: Path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.chdir(_workspace(rendered, tmp_path, []))
+    args = ["--face_backend", "insightface", "--insightface_root", str(tmp_path / "nowhere")]  # fails before models load
+    assert run_entry(score, args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    assert captured.err.startswith("error: nothing to score")
+    for looked_for in ("eval_prompts/<name>.json", "outputs/<name>/", "eval_prompts_advance/<name>_sim.json",
+                       "outputs/<name>_edit/", "outputs/boy1_sim/", "./sample.sh", "--prompts"):
+        assert looked_for in captured.err
+
+
+def test_detect_runs_picks_the_completely_rendered_splits(rendered: Path, tmp_path: Path):
+    """The selection alone: every task's prompt file and images folder, or the split is left out."""
+    where = _workspace(rendered, tmp_path, ["boy1", "girl1", "boy1_sim", "boy1_edit", "girl1_sim"])
+    roots = {split: where / Path(folder).name for split, folder in DEFAULT_PROMPT_ROOTS.items()}
+    runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1"])
+    assert [(run.split, [spec.task for spec in run.tasks]) for run in runs] == [
+        ("preliminary", ["boy1"]), ("advanced", ["boy1_sim", "boy1_edit"])]
+    assert runs[1].prompts_dir == roots["advanced"]
+    assert runs[1].tasks[1].prompt_file == where / "eval_prompts_advance/boy1_edit.json"
+    assert runs[1].tasks[1].output_dir == where / "outputs/boy1_edit"
+    assert runs[1].tasks[1].ref_dir == where / "train_data/boy1"
+
+    with pytest.warns(ScoringWarning, match="advanced split only partly rendered.*girl1_edit"):
+        runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1", "girl1"])
+    assert [run.split for run in runs] == ["preliminary"]
+
+    with pytest.raises(ScoringError, match="nothing to score") as error:
+        detect_runs(where / "train_data", roots, where / "outputs", ["boy2"])
+    assert str(where / "outputs/boy2/") in str(error.value) and str(where / "outputs/boy2_sim/") in str(error.value)
