@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from libs.checkpoint import CheckpointError, DOWNLOAD_HINT
-from libs.config import REPO_ROOT
+from libs.config import REPO_ROOT, extra_models_dir
 
 UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"
 # files of the Hugging Face model folders that transformers needs (no TF/Flax/.bin duplicates)
@@ -18,6 +18,32 @@ HF_FOLDER_PATTERNS = ["*.json", "*.txt", "model.safetensors"]
 SAMPLING_WEIGHTS = ("nnet", "autoencoder", "caption_decoder", "clip_text")
 TRAINING_WEIGHTS = (*SAMPLING_WEIGHTS, "clip_img")
 WEIGHT_KEYS = TRAINING_WEIGHTS
+
+
+def folder_candidates(local: str | Path) -> list[Path]:
+    """Where a Hugging Face model folder may be, in order: the config's path, then the folder of the same name
+    under $UNIDIFFUSER_EXTRA_MODELS (the submission image bakes the models the organizers do not mount there)."""
+    if not str(local):
+        return []
+    extra = extra_models_dir()
+    return [Path(local)] + ([extra / Path(local).name] if extra is not None else [])
+
+
+def local_model_folder(local: str | Path) -> Path | None:
+    """The first candidate folder that holds a model (a config.json), None when none does."""
+    return next((folder for folder in folder_candidates(local) if (folder / "config.json").is_file()), None)
+
+
+def resolve_pretrained(local: str, hub_id: str, what: str) -> str:
+    """Where a Hugging Face model is loaded from: a local folder (see `folder_candidates`), else the hub id
+    (downloaded, or found in the hub cache when HF_HUB_OFFLINE=1)."""
+    folder = local_model_folder(local)
+    if folder is not None:
+        return str(folder)
+    if hub_id:
+        return hub_id
+    looked = " or ".join(str(folder) for folder in folder_candidates(local)) or "no local folder configured"
+    raise CheckpointError(f"{what} not found: no config.json in {looked}\n  -> {DOWNLOAD_HINT}")
 
 
 @dataclass
@@ -31,7 +57,7 @@ class WeightItem:
 
     @property
     def present(self) -> bool:
-        return (self.path / "config.json").is_file() if self.filename is None else self.path.is_file()
+        return local_model_folder(self.path) is not None if self.filename is None else self.path.is_file()
 
 
 def weight_items(config) -> list[WeightItem]:

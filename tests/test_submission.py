@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_world_config
 from libs.config import REPO_ROOT
 from libs.errors import UserError
-from libs.models.loading import resolve_pretrained
+from libs.download import resolve_pretrained
 from libs.subjects import SUBJECTS
 from personalizations import write_subjects
 from test_face import write_tiny_insightface_pack

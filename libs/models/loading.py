@@ -17,7 +17,8 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjec
 from transformers.utils import logging as hf_logging
 
 from libs.checkpoint import DOWNLOAD_HINT, CheckpointError, load_strict, load_torch_state_dict
-from libs.config import EXTRA_MODELS_ENV, extra_models_dir, hub_offline
+from libs.config import EXTRA_MODELS_ENV, hub_offline
+from libs.download import resolve_pretrained
 from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPImageEncoder, CLIPTextEncoder
@@ -41,23 +42,6 @@ def quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(previous)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def resolve_pretrained(local: str, hub_id: str, what: str) -> str:
-    """Where a Hugging Face model is loaded from: the config's local folder when it holds a model, else the
-    folder of the same name under $UNIDIFFUSER_EXTRA_MODELS (the submission image's baked models), else the
-    hub id (downloaded, or found in the hub cache when HF_HUB_OFFLINE=1)."""
-    candidates = [Path(local)] if local else []
-    extra = extra_models_dir()
-    if extra is not None and local:
-        candidates.append(extra / Path(local).name)
-    for folder in candidates:
-        if (folder / "config.json").is_file():
-            return str(folder)
-    if hub_id:
-        return hub_id
-    looked = " or ".join(str(folder) for folder in candidates) or "no local folder configured"
-    raise CheckpointError(f"{what} not found: no config.json in {looked}\n  -> {DOWNLOAD_HINT}")
 
 
 def _frozen(module: torch.nn.Module, device: str | torch.device, dtype: torch.dtype | None = None) -> torch.nn.Module:
