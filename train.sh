@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Train the four competition subjects, in order: boy1 boy2 girl1 girl2.
+# Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/subjects.py).
 #
 #   ./train.sh [extra train.py flags...]        e.g. ./train.sh --train_step 600 --rank 16
 #
 # Photos: train_data_crop/<name> when it exists (made by `python tools/crop.py`), else
 # train_data/<name>. Output: model_output/<name>. Prior preservation uses class_data/boy or
-# class_data/girl when present (`python -m libs.class_images ...`), and is switched off otherwise.
+# class_data/girl when present (`python tools/class_images.py ...`), and is switched off otherwise.
 # A re-run continues an interrupted subject and skips finished ones (--resume latest); pass
 # --overwrite to train everything again. Stops at the first subject that fails.
 set -euo pipefail
@@ -21,6 +21,14 @@ if ! command -v "$ACCELERATE" >/dev/null 2>&1; then
     fi
 fi
 
+# the subjects come from libs/subjects.py, read with the python that runs train.py (the one beside accelerate)
+PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
+[ -x "$PYTHON" ] || PYTHON=python3
+if ! subjects=$("$PYTHON" -c 'from libs.subjects import SUBJECTS; print(*SUBJECTS)'); then
+    echo "train.sh: cannot read the subject list from libs/subjects.py with $PYTHON (set PYTHON=/path/to/python)" >&2
+    exit 1
+fi
+
 resume=(--resume latest)
 for arg in "$@"; do
     case "$arg" in
@@ -28,7 +36,7 @@ for arg in "$@"; do
     esac
 done
 
-for name in boy1 boy2 girl1 girl2; do
+for name in $subjects; do
     data="train_data_crop/$name"
     [ -d "$data" ] || data="train_data/$name"
     if [ ! -d "$data" ]; then

@@ -9,7 +9,7 @@ Modes
                  on every batch, class prompts go through CLIP every step), fp32, LoRA r=64 on the default
                  targets; SDPA attention, which the official U-ViT code uses on torch >= 2 (and without
                  which fp32 batch 8 would not fit an 80 GB GPU at full size)
-  default        a step as train.py runs it (libs.training's BatchMaker, loss_terms, total_loss and
+  default        a step as train.py runs it (libs.train's BatchMaker, loss_terms, total_loss and
                  make_optimizer): cached encodings, the config's rank, frozen weights in the mixed-
                  precision dtype (fp16 on CUDA, as `accelerate launch --mixed_precision fp16`; fp32 on CPU)
   ablations      default with one change: no_cache, checkpointing (gradient checkpointing), bf16, fp16,
@@ -40,10 +40,10 @@ from PIL import Image
 from bench.common import (DTYPES, bench_config, common_parser, fmt_float, fmt_str, gib, interleaved_runs,
                           print_table, random_checkpoints, size_summary, start, timing_fields, uvit_forward_flops,
                           write_result)
-from libs.data import TrainImage
 from libs.precision import autocast as training_autocast
 from libs.prompts import fill_prompt
-from libs.training import BatchMaker, Models, Plan, TrainData, build_data, build_models, loss_terms, make_optimizer, total_loss
+from libs.train import (BatchMaker, Models, Plan, TrainData, TrainImage, build_data, build_models, loss_terms,
+                        make_optimizer, total_loss)
 
 BENCH = "bench_training"
 TOKEN = "<new1>"
@@ -113,16 +113,16 @@ def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections
 
 
 def mode_models(mode: Mode, config: ml_collections.ConfigDict, plan: Plan, device: torch.device) -> Models:
-    """libs.training.build_models for `mode`, from the random checkpoint files."""
+    """libs.train.build_models for `mode`, from the random checkpoint files."""
     return build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
 
 
 def make_step(mode: Mode, models: Models, data: TrainData, cfg: ml_collections.ConfigDict, device: torch.device,
               seed: int) -> Callable[[], None]:
-    """One optimizer step of libs.training.train's loop, with accelerate's parts done by hand (a loss scaler
+    """One optimizer step of libs.train.train's loop, with accelerate's parts done by hand (a loss scaler
     for fp16, gradient clipping); the learning-rate scheduler is left out (a few scalars)."""
     batches = BatchMaker(data, cfg, models.autoencoder, seed, 0)
-    optimizer = make_optimizer(models, cfg)
+    optimizer = make_optimizer(models.trainable(), cfg)
     params = [p for p in models.model.parameters() if p.requires_grad]
     dtype = train_dtype(mode, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -146,7 +146,7 @@ def make_step(mode: Mode, models: Models, data: TrainData, cfg: ml_collections.C
 
 def training_data(config, plan: Plan, models: Models, instance: list[TrainImage], classes: list[TrainImage],
                   device: torch.device, cached: bool) -> tuple[TrainData, float]:
-    """libs.training.build_data with caching on or off, and the seconds it took: the difference between
+    """libs.train.build_data with caching on or off, and the seconds it took: the difference between
     the two is the encoding of every view (both load the CLIP image tower and encode the class prompts)."""
     local = copy.deepcopy(config)
     local.train.cache_latents = cached

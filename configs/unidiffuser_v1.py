@@ -9,11 +9,11 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "unidiffuser_v1"
-    config.seed = 1234
+    config.seed = 1234  # base seed: every random draw of training and sampling is keyed by it
 
     # --- where the weights live (see models/README.md; `python -m libs.download` fetches them) ---
     config.paths = d(
-        nnet="models/uvit_v1.pth",
+        nnet="models/uvit_v1.pth",  # the base U-ViT checkpoint
         autoencoder="models/autoencoder_kl.pth",
         caption_decoder="models/caption_decoder.pth",
         # a local Hugging Face folder when present, else this hub id
@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     # --- model facts (spec §4) ---
-    config.resolution = 512  # pixels; the latent is 4 x resolution/8 x resolution/8 (libs.config.latent_shape)
+    config.resolution = 512  # image side in pixels; the latent is 4 x resolution/8 x resolution/8 (a multiple of 16)
     config.clip_img_dim = 512
     config.clip_text_dim = 768
     config.text_dim = 64
@@ -76,65 +76,64 @@ def get_config() -> ml_collections.ConfigDict:
         batch_size=3,  # images denoised together (cond + uncond share one forward)
     )
 
-    # --- personalization training (train.py; every key has a flag of the same name) ---
+    # --- personalization training (train.py) ---
+    # Every key has a flag of the same name (libs/flags.py); the comment after a key is its --help text.
     # Defaults follow the reference entry's recipe (spec §6) except where noted: half its LoRA rank,
     # LoRA kept to the transformer blocks, a class-word-initialized token with its own learning rate,
     # and the DreamBooth prior weight of 1.
     config.train = d(
-        # the subject: {token} and {class_word} are filled in; sample.py writes "boy" as "<new1> boy",
-        # so the instance prompt puts the token right before the class word too
+        # the subject: sample.py writes "boy" as "<new1> boy", so the instance prompt puts the token right
+        # before the class word too
         class_word="",  # "" = from the photo path: "boy" if it contains "boy", else "girl"
-        modifier_token="<new1>",
-        initializer_token="",  # "" = the class word: training starts from "a boy", not from noise
-        num_vectors=1,  # >1: a multi-vector token (<new1> <new1>_1 ...), more capacity, more parameters
-        instance_prompt="a photo of a {token} {class_word}",
-        # photos (libs/data.py)
-        crop="face",  # the square around the face (crops.json box, else a detector), else centred; or "center"
+        modifier_token="<new1>",  # the new word that learns the subject; sample.py puts it before the class word
+        initializer_token="",  # the word the token starts from; "" = the class word ("a boy", not noise)
+        num_vectors=1,  # embedding rows of the token; >1 = <new1> <new1>_1 ...: more capacity, more parameters
+        instance_prompt="a photo of a {token} {class_word}",  # the photos' prompt; {token}, {class_word} filled in
+        # photos (libs/train/images.py)
+        crop="face",  # face: the square around the face (crops.json box, else a detector), else centred
         hflip=True,  # the mirror image as a second cached view: twice the views of 3-10 photos
         min_image_side=128,  # smaller images are refused: upscaled thumbnails teach blur
-        # prior preservation (DreamBooth): class images in every batch keep "boy"/"girl" generic
-        with_prior_preservation=True,
-        class_data_dir="class_data/{class_word}",  # see `python -m libs.class_images`
-        class_prompt="",  # "" = the class set's own captions
-        num_class_images=200,
+        # prior preservation (DreamBooth)
+        with_prior_preservation=True,  # class images in every batch keep "boy"/"girl" generic
+        class_data_dir="class_data/{class_word}",  # the class set; {class_word} is filled in (tools/class_images.py)
+        class_prompt="",  # one prompt for all class images; "" = the class set's own captions
+        num_class_images=200,  # class images used: the first ones of the set
         # the loss: instance_loss_weight x instance image MSE + prior_loss_weight x class image MSE
         #           + clip_img_loss_weight x clip_img MSE (instance and class rows); nothing else
-        instance_loss_weight=1.0,
-        prior_loss_weight=1.0,  # DreamBooth's 1; the reference entry's balance was about 0.2
-        clip_img_loss_weight=1.0,
-        # what trains: "token" = only the new embedding row(s) of the text encoder; "lora" = the token
-        # and LoRA on CLIP's attention projections; "full" = the token and the whole text tower;
-        # "frozen" = no token, the U-ViT LoRA alone learns the subject under the class word
-        text_encoder_mode="token",
-        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # blocks only; see libs/adapters.py
-        rank=32,  # reference 64: half the parameters (24.5 M instead of 49.1 M)
-        alpha=32.0,  # scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
-        lora_dropout=0.1,
-        text_lora_rank=8,
-        text_lora_alpha=8.0,
+        instance_loss_weight=1.0,  # weight of the instance images' latent MSE
+        prior_loss_weight=1.0,  # weight of the class images' latent MSE: DreamBooth's 1; the reference's about 0.2
+        clip_img_loss_weight=1.0,  # weight of the CLIP image embedding MSE (instance and class rows)
+        # what trains
+        text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
+        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/lora.py)
+        rank=32,  # U-ViT LoRA rank; the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
+        alpha=32.0,  # U-ViT LoRA alpha: scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
+        lora_dropout=0.1,  # dropout on the LoRA inputs (U-ViT and text encoder)
+        text_lora_rank=8,  # text-encoder LoRA rank (text_encoder_mode lora)
+        text_lora_alpha=8.0,  # text-encoder LoRA alpha (text_encoder_mode lora)
         # optimisation: AdamW on the trainable tensors only (fp32), frozen weights in the mixed-precision dtype
         train_step=500,  # optimizer steps
         batch_size=4,  # instance views per step and process
         class_batch_size=4,  # class views per step and process (with prior preservation)
-        lr=4e-5,  # U-ViT LoRA (the reference entry's)
-        text_lr=1e-4,  # token row(s) and text-encoder LoRA/weights: an embedding needs larger steps
-        weight_decay=0.01,  # LoRA and text-encoder weights; never the token rows
-        lr_scheduler="constant",  # "constant", "cosine" or "linear", all after the warmup
-        warmup_steps=20,
-        max_grad_norm=1.0,  # 0 = no clipping
+        lr=4e-5,  # learning rate of the U-ViT LoRA (the reference entry's)
+        text_lr=1e-4,  # learning rate of the token row(s) and text-encoder weights: an embedding needs larger steps
+        weight_decay=0.01,  # AdamW weight decay of the LoRA and text-encoder weights; never the token rows
+        lr_scheduler="constant",  # the learning-rate schedule after the warmup
+        warmup_steps=20,  # steps of linear learning-rate warmup
+        max_grad_norm=1.0,  # gradient-norm clipping; 0 = no clipping
         # speed
-        cache_latents=True,  # encode each image view once; False re-encodes every step (slow, for checking)
-        cache_dir="",  # also keep encodings on disk, keyed by the image pixels and the encoders
-        encode_batch_size=8,
+        cache_latents=True,  # encode each image view once; off re-encodes every step (slow, for checking)
+        cache_dir="",  # also keep encodings on disk here, keyed by the image pixels and the encoders
+        encode_batch_size=8,  # images per encoder batch (caching and the fixed-noise loss)
         gradient_checkpointing=False,  # much less activation memory for one more forward pass (~+50% compute)
         compile=False,  # torch.compile the U-ViT: faster steps after a compile of a minute or two
         # runs
-        log_every=10,
-        checkpointing_steps=100,
-        checkpoints_total_limit=1,
-        keep_checkpoints=False,  # True keeps the last checkpoint after training (to extend a run later)
-        validation_steps=250,  # 0 = only the fixed-noise loss at the start and the end, no images
-        validation_prompts=(
+        log_every=10,  # log the loss every N steps (logs/train_log.jsonl, TensorBoard)
+        checkpointing_steps=100,  # write a checkpoint (for --resume) every N steps
+        checkpoints_total_limit=1,  # checkpoints kept during training
+        keep_checkpoints=False,  # keep the last checkpoint after training (to extend a run later)
+        validation_steps=250,  # validation images every N steps; 0 = only the fixed-noise loss at start and end
+        validation_prompts=(  # prompts of the validation images; the token is put before the class word
             "a photo of a {class_word}",
             "a {class_word} standing in the wild",
             "a {class_word} wearing a suit, oil painting",

@@ -8,9 +8,11 @@ path (or "" for "not set"), and nothing downstream resolves paths again.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import ml_collections
 
@@ -30,6 +32,83 @@ submission image bakes them there, because the organizers mount a models/ folder
 
 class ConfigError(UserError):
     """An unknown config name, an unknown key or a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric config key may take: finite, and inside the bounds that are set."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # True: `low` itself is not allowed
+    high_open: bool = False
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed ("must be >= 1, got 0"), or None."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"must be a number, got {value!r}"
+        if not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be {self}, got {value}" if below or above else None
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return "a finite number"
+
+
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = Range(0, low_open=True), Range(0), Range(1)
+KEY_RANGES: dict[str, Range] = {
+    # the natural range of every numeric key; checked when a flag is parsed and when training starts
+    "seed": Range(0, 2**32 - 1),  # what numpy's global seed accepts (accelerate's set_seed seeds it)
+    "resolution": AT_LEAST_ONE,
+    "sample.steps": AT_LEAST_ONE,
+    "sample.scale": Range(),
+    "sample.n_samples": AT_LEAST_ONE,
+    "sample.batch_size": AT_LEAST_ONE,
+    "train.num_vectors": AT_LEAST_ONE,
+    "train.min_image_side": AT_LEAST_ONE,
+    "train.num_class_images": NON_NEGATIVE,
+    "train.instance_loss_weight": NON_NEGATIVE,
+    "train.prior_loss_weight": NON_NEGATIVE,
+    "train.clip_img_loss_weight": NON_NEGATIVE,
+    "train.rank": AT_LEAST_ONE,
+    "train.alpha": POSITIVE,
+    "train.lora_dropout": Range(0, 1, high_open=True),
+    "train.text_lora_rank": AT_LEAST_ONE,
+    "train.text_lora_alpha": POSITIVE,
+    "train.train_step": AT_LEAST_ONE,
+    "train.batch_size": AT_LEAST_ONE,
+    "train.class_batch_size": NON_NEGATIVE,
+    "train.lr": POSITIVE,
+    "train.text_lr": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
+    "train.max_grad_norm": NON_NEGATIVE,
+    "train.encode_batch_size": AT_LEAST_ONE,
+    "train.log_every": AT_LEAST_ONE,
+    "train.checkpointing_steps": AT_LEAST_ONE,
+    "train.checkpoints_total_limit": AT_LEAST_ONE,
+    "train.validation_steps": NON_NEGATIVE,
+}
+
+
+def range_problems(config: ml_collections.ConfigDict, keys: Iterable[str]) -> list[str]:
+    """"<key> must be ..., got ..." for each of these dotted keys whose value is outside KEY_RANGES."""
+    problems = []
+    for dotted in keys:
+        if dotted in KEY_RANGES and _has(config, dotted):
+            problem = KEY_RANGES[dotted].problem(get_key(config, dotted))
+            if problem:
+                problems.append(f"{dotted} {problem}")
+    return problems
 
 
 def config_path(name_or_path: str | Path) -> Path:
@@ -53,7 +132,7 @@ def load_config(name_or_path: str | Path = DEFAULT_CONFIG) -> ml_collections.Con
     config = module.get_config()
     for dotted in PATH_KEYS:
         if _has(config, dotted):
-            _set(config, dotted, resolve_path(_get(config, dotted), REPO_ROOT))
+            _set(config, dotted, resolve_path(get_key(config, dotted), REPO_ROOT))
     return config
 
 
@@ -100,7 +179,12 @@ def latent_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     return int(config.nnet.in_chans), side, side
 
 
-def _get(config: ml_collections.ConfigDict, dotted: str) -> Any:
+def _number(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else str(value)
+
+
+def get_key(config: ml_collections.ConfigDict, dotted: str) -> Any:
+    """The value of a dotted key (`train.lr`)."""
     node = config
     for part in dotted.split("."):
         node = node[part]

@@ -135,7 +135,7 @@ class NotAPersonalization(CheckpointError):
 
 def folder_contents(restore_path: Path) -> str:
     """What a folder without a personalization holds, in words, with what to do about it."""
-    from libs.training import list_checkpoints
+    from libs.train.checkpoints import list_checkpoints
 
     checkpoints = list_checkpoints(restore_path)
     if checkpoints:

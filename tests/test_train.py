@@ -28,8 +28,8 @@ from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOK
                                   load_personalization)
 from libs.prompts import fill_prompt
 from libs.subjects import class_word_from_path
-from libs.training import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
-                           build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
+from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
+                        build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
 
 
 @pytest.fixture()
@@ -59,10 +59,9 @@ def configured(config, class_dir: Path | None = None, **train_settings):
     return config
 
 
-def main_exit(argv: list[str], config, monkeypatch: pytest.MonkeyPatch) -> int:
-    """train.py's main() with `config` as the loaded config file (the tiny world's paths)."""
-    monkeypatch.setattr(train_script, "load_config", lambda name: deepcopy(config))
-    return run_entry(train_script, argv)
+def main_exit(config_file: Path, argv: list) -> int:
+    """train.py's parse_args() and main() at the command-line edge, with `config_file` as --config."""
+    return run_entry(train_script, ["--config", config_file, *argv])
 
 
 def lora_and_token(out: Path) -> dict[str, torch.Tensor]:
@@ -203,19 +202,19 @@ def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config
 
 
 
-def test_finished_output_is_never_overwritten_silently(tiny_config, photos, tmp_path, capsys, monkeypatch):
+def test_finished_output_is_never_overwritten_silently(tiny_config_file, photos, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["-d", str(photos), "-o", str(out), "--no_prior_preservation", "--train_step", "1"]
-    assert main_exit(args, tiny_config, monkeypatch) == 0
+    assert main_exit(tiny_config_file, args) == 0
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     capsys.readouterr()
-    assert main_exit(args, tiny_config, monkeypatch) == 2
+    assert main_exit(tiny_config_file, args) == 2
     error = capsys.readouterr().err
     assert "already holds a finished personalization" in error and "--overwrite" in error
-    assert main_exit(args + ["--resume", "latest"], tiny_config, monkeypatch) == 0
+    assert main_exit(tiny_config_file, args + ["--resume", "latest"]) == 0
     assert "nothing to resume" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
-    assert main_exit(args + ["--overwrite", "--train_step", "2"], tiny_config, monkeypatch) == 0
+    assert main_exit(tiny_config_file, args + ["--overwrite", "--train_step", "2"]) == 0
     assert json.loads((out / META_FILE).read_text())["steps"] == 2
 
 
@@ -226,7 +225,7 @@ def test_loss_goes_down_on_a_tiny_subject(tiny_config, photos, tmp_path):
     assert end < 0.93 * start, (start, end)  # about 0.88 x start at the time of writing
 
 
-def test_resume_continues_exactly(tiny_config, photos, class_dir, tmp_path, monkeypatch):
+def test_resume_continues_exactly(tiny_config, tiny_config_file, photos, class_dir, tmp_path):
     def config():
         return configured(deepcopy(tiny_config), class_dir, train_step=6, checkpointing_steps=3,
                           lr_scheduler="cosine", warmup_steps=2, lora_dropout=0.1, hflip=True)
@@ -244,7 +243,9 @@ def test_resume_continues_exactly(tiny_config, photos, class_dir, tmp_path, monk
     assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-000003"]
     assert not (resumed / META_FILE).exists()
     # without --resume an unfinished run is refused (the message says --resume latest)
-    assert main_exit(["-d", str(photos), "-o", str(resumed)], config(), monkeypatch) == 2
+    assert main_exit(tiny_config_file, ["-d", photos, "-o", resumed, "--class_data_dir", class_dir, "--train_step", "6",
+                                        "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--warmup_steps", "2",
+                                        "--lora_dropout", "0.1", "--hflip"]) == 2
 
     with pytest.raises(TrainingError, match=r"other settings: lr: 0\.001 -> 0\.002"):
         train(configured(config(), class_dir, lr=2e-3), photos, resumed, resume="latest")
@@ -344,7 +345,7 @@ def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, pu
     ("out_is_file", "is a file, not a folder"),
     ("token_missing", "does not contain the token"),
 ])
-def test_bad_input_is_refused_before_writing(tiny_config, photos, tmp_path, capsys, monkeypatch, case, message):
+def test_bad_input_is_refused_before_writing(tiny_config_file, photos, tmp_path, capsys, case, message):
     data, out = photos, tmp_path / "out"
     args = ["--no_prior_preservation"]
     if case == "empty":
@@ -363,7 +364,7 @@ def test_bad_input_is_refused_before_writing(tiny_config, photos, tmp_path, caps
         out.write_text("keep me")
     elif case == "token_missing":
         args += ["--instance_prompt", "a photo of a {class_word}"]
-    assert main_exit(["-d", str(data), "-o", str(out), *args], tiny_config, monkeypatch) == 2
+    assert main_exit(tiny_config_file, ["-d", data, "-o", out, *args]) == 2
     assert re.search(message, capsys.readouterr().err, re.S)
     if case == "out_is_file":
         assert out.read_text() == "keep me"

@@ -1,0 +1,38 @@
+"""Personalization training, one module per concept; libs/train/loop.py reads top to bottom as the recipe.
+
+    plan.py         the request checked and resolved before anything is written (TrainingError, Plan)
+    images.py       photos and class images -> square training crops (face-aware framing)
+    encodings.py    every view encoded once by the frozen VAE / CLIP image tower; the prompts' text inputs
+    model.py        the U-ViT + text path as one module, LoRA and token added, what trains
+    optim.py        AdamW over the trained tensors and the learning-rate schedule
+    batches.py      one step's noisy batch and the joint loss (spec §5)
+    checkpoints.py  checkpoints to resume exactly
+    records.py      train_config.json, logs, the start summary, the personalization's meta record
+    validation.py   fixed-noise loss and fixed-seed images during training
+    loop.py         train(): the recipe
+"""
+from libs.train.batches import Batch, BatchMaker, ViewSampler, loss_terms, noisy_batch, total_loss
+from libs.train.checkpoints import (CHECKPOINT_DIR, RESUMABLE_CHANGES, list_checkpoints, load_checkpoint,
+                                    recipe_differences, remove_checkpoints, save_checkpoint)
+from libs.train.encodings import ImageEncoder, LatentSource, TrainData, build_data, describe_sources, vae_pixels
+from libs.train.images import (CROP_MODES, TrainImage, load_class_images, load_instance_images, square_crop)
+from libs.train.loop import TrainResult, train
+from libs.train.model import JointNoisePredictor, Models, build_models, count_trainable
+from libs.train.optim import SCHEDULERS, make_optimizer, make_scheduler
+from libs.train.plan import CHOICES, Plan, TrainingError, make_plan
+from libs.train.records import LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, RunLog
+from libs.train.validation import fixed_noise_loss
+
+__all__ = [
+    "Batch", "BatchMaker", "ViewSampler", "loss_terms", "noisy_batch", "total_loss",
+    "CHECKPOINT_DIR", "RESUMABLE_CHANGES", "list_checkpoints", "load_checkpoint", "recipe_differences",
+    "remove_checkpoints", "save_checkpoint",
+    "ImageEncoder", "LatentSource", "TrainData", "build_data", "describe_sources", "vae_pixels",
+    "CROP_MODES", "TrainImage", "load_class_images", "load_instance_images", "square_crop",
+    "TrainResult", "train",
+    "JointNoisePredictor", "Models", "build_models", "count_trainable",
+    "SCHEDULERS", "make_optimizer", "make_scheduler",
+    "CHOICES", "Plan", "TrainingError", "make_plan",
+    "LOG_DIR", "LOG_FILE", "RUN_FILE", "VALIDATION_DIR", "RunLog",
+    "fixed_noise_loss",
+]

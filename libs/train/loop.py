@@ -1,0 +1,181 @@
+"""The training recipe, top to bottom: plan, photos, models, data, then the steps, then the result.
+
+Personalization training: a new token, optional text-encoder adapters and a U-ViT LoRA, trained with
+UniDiffuser's joint noise-prediction loss (libs/train/batches.py) and DreamBooth prior preservation.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from libs.personalization import save_personalization
+from libs.precision import autocast
+from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
+from libs.train.checkpoints import (CHECKPOINT_DIR, load_checkpoint, recipe_differences, remove_checkpoints,
+                                    save_checkpoint)
+from libs.train.encodings import build_data, describe_sources
+from libs.train.images import load_class_images, load_instance_images
+from libs.train.model import JointNoisePredictor, build_models, count_trainable
+from libs.train.optim import make_optimizer, make_scheduler
+from libs.train.plan import Plan, TrainingError, make_plan
+from libs.train.records import (RunLog, personalization_meta, prepare_output, start_summary, step_logs,
+                                write_run_file)
+from libs.train.validation import Validation
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    step: int
+    trainable_parameters: int
+    files: list[Path]
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None = None,
+          overwrite: bool = False, mixed_precision: str | None = None,
+          on_step: StepCallback | None = None) -> TrainResult | None:
+    """Train one subject and write its personalization into `out_dir`; None when there was nothing to do.
+
+    Every check (flags, photos, class set, output folder, model files) runs before the first write.
+    `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss); an exception
+    it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    # the plan: settings, words, output folder, what to resume from; nothing written yet
+    cfg = config.train
+    plan = make_plan(config, data_dir, out_dir, resume, overwrite)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    log = accelerator.print
+    if plan.resume_from is None and resume and plan.finished:
+        log(f"{plan.out_dir} already holds a finished personalization and no checkpoint: nothing to resume "
+            "(pass --overwrite to train again)")
+        return None
+
+    # the photos and the class images, framed as squares
+    instance = load_instance_images(plan.data_dir, config.resolution, cfg.crop, int(cfg.min_image_side))
+    classes, class_warning = None, None
+    if plan.class_dir is not None:
+        classes, class_warning = load_class_images(plan.class_dir, config.resolution, int(cfg.num_class_images),
+                                                   int(cfg.min_image_side), cfg.class_prompt)
+
+    # the models: frozen towers in the mixed-precision dtype, trained tensors in fp32
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    seed = int(config.seed)
+    set_seed(seed)
+    models = build_models(config, plan, accelerator.device, weight_dtype)
+    trainable_parameters = count_trainable(models.model)
+    sources = describe_sources(instance) + (describe_sources(classes) if classes else [])
+
+    # the first write: the output folder and train_config.json
+    if resume and plan.resume_from is None:
+        log(f"no checkpoint in {plan.out_dir / CHECKPOINT_DIR}: starting a fresh run")
+    if accelerator.is_main_process:
+        prepare_output(plan.out_dir, overwrite)
+        write_run_file(plan, accelerator, trainable_parameters, sources)
+    accelerator.wait_for_everyone()
+
+    # every image view encoded once, the prompts that do not train encoded once
+    started = time.perf_counter()
+    data = build_data(config, plan, instance, classes, models, accelerator.device, accelerator.is_main_process)
+    if class_warning:
+        data.warnings.append(class_warning)
+        log(f"warning: {class_warning}")
+    log(start_summary(plan, instance, classes, len(data.instance), trainable_parameters, accelerator,
+                      time.perf_counter() - started))
+
+    # optimizer, schedule, accelerate's wrapping, and the checkpoint to continue from
+    optimizer = make_optimizer(models.trainable(), cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    models.model.train()
+    model, optimizer = accelerator.prepare(models.model, optimizer)
+    unwrapped: JointNoisePredictor = accelerator.unwrap_model(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    checkpoint_state = {"recipe": plan.recipe(), "images": [s["sha256"] for s in sources]}
+    start_step = 0
+    if plan.resume_from is not None:
+        start_step = _resume(plan, unwrapped, optimizer, scheduler, accelerator.scaler, checkpoint_state)
+        if start_step == cfg.train_step and plan.finished:
+            log(f"{plan.out_dir} is already trained to step {start_step}: nothing to do")
+            return None
+        log(f"resuming from {plan.resume_from} (step {start_step})")
+
+    # the steps
+    run_log = RunLog(plan.out_dir, accelerator.is_main_process, start_step)
+    batches = BatchMaker(data, cfg, models.autoencoder, seed, accelerator.process_index)
+    validation = Validation(config, plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator)
+    try:
+        if start_step == 0:
+            validation(0)
+        bar = tqdm(range(start_step + 1, int(cfg.train_step) + 1), initial=start_step, total=int(cfg.train_step),
+                   desc=f"train {plan.out_dir.name}", unit="step", disable=not accelerator.is_main_process)
+        for step in bar:
+            torch.manual_seed(dropout_seed(seed, step, accelerator.process_index))
+            batch = batches(step)
+            with autocast(accelerator.device, weight_dtype):
+                terms = loss_terms(model, batch, accelerator.device)
+                loss = total_loss(terms, cfg)
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            logs: dict[str, float] = {}
+            if step % cfg.log_every == 0 or step == cfg.train_step:
+                logs = step_logs(accelerator, loss, terms, scheduler, grad_norm, time.perf_counter() - started)
+                run_log.write(step, logs)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if accelerator.is_main_process and (step % cfg.checkpointing_steps == 0 or
+                                                (step == cfg.train_step and cfg.keep_checkpoints)):
+                save_checkpoint(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
+                                checkpoint_state, int(cfg.checkpoints_total_limit))
+            if step != cfg.train_step and cfg.validation_steps and step % cfg.validation_steps == 0:
+                validation(step)
+            if on_step is not None:
+                on_step(step, logs)
+        bar.close()
+        validation(int(cfg.train_step))
+    finally:
+        run_log.close()
+
+    # the result: the personalization folder sample.py reads
+    files: list[Path] = []
+    if accelerator.is_main_process:
+        meta = personalization_meta(config, plan, models, trainable_parameters, data.warnings)
+        files = save_personalization(plan.out_dir, meta, unwrapped.nnet, unwrapped.text_encoder)
+        if not cfg.keep_checkpoints:
+            remove_checkpoints(plan.out_dir)
+        size = sum(f.stat().st_size for f in files) / 2**20
+        log(f"wrote {plan.out_dir}: {', '.join(f.name for f in files)} ({size:.1f} MiB); "
+            f"{trainable_parameters:,} trained parameters; {time.perf_counter() - started:.0f}s")
+    accelerator.wait_for_everyone()
+    return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files)
+
+
+def _resume(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+            checkpoint_state: dict[str, Any]) -> int:
+    """Load the checkpoint if it was made with the same recipe and images; returns its step."""
+    saved = load_checkpoint(plan.resume_from, model, optimizer, scheduler, scaler)
+    changed = recipe_differences(saved.get("recipe", {}), checkpoint_state["recipe"])
+    if changed:
+        raise TrainingError(f"{plan.resume_from} was trained with other settings: {'; '.join(changed)}; "
+                            "resume with the same settings or pass --overwrite to start over")
+    if saved.get("images") != checkpoint_state["images"]:
+        raise TrainingError(f"the photos or class images changed since {plan.resume_from} was written; "
+                            "pass --overwrite to start over with the new ones")
+    step = int(saved["step"])
+    if step > plan.train.train_step:
+        raise TrainingError(f"{plan.resume_from} is at step {step}, beyond --train_step {plan.train.train_step}")
+    return step

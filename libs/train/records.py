@@ -1,0 +1,206 @@
+"""What a run writes about itself: the output folder's file names, train_config.json, the JSONL and
+TensorBoard logs, the start-of-run summary and the personalization's meta record.
+
+    <out>/train_config.json          the full config, photos (with sha256), versions, command line
+    <out>/logs/train_log.jsonl       one line per logged step (loss terms, learning rates, eval losses)
+    <out>/logs/tensorboard/          the same scalars and the validation grids, when tensorboard is installed
+    <out>/validation/step-*.jpg      the validation grids
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from libs import personalization
+from libs.checkpoint import atomic_path, file_sha256, save_json
+from libs.config import REPO_ROOT
+from libs.train.checkpoints import remove_checkpoints
+from libs.train.images import TrainImage
+from libs.train.model import Models
+from libs.train.plan import Plan
+
+RUN_FILE = "train_config.json"
+LOG_DIR = "logs"
+LOG_FILE = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+VALIDATION_DIR = "validation"
+OUTPUT_FILES = (personalization.META_FILE, personalization.UVIT_LORA_FILE, personalization.TOKEN_FILE,
+                personalization.TEXT_LORA_FILE, personalization.TEXT_FULL_FILE, RUN_FILE)
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow", "ml_collections")
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Create the folder; with --overwrite first remove what an earlier run wrote there (by name, nothing else)."""
+    if overwrite and out.is_dir():
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+        (out / LOG_DIR / LOG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / LOG_DIR / TENSORBOARD_DIR, ignore_errors=True)
+        for old in (out / VALIDATION_DIR).glob("step-*.jpg"):
+            old.unlink()
+        remove_checkpoints(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_run_file(plan: Plan, accelerator: Any, trainable: int, sources: list[dict[str, str]]) -> None:
+    """train_config.json: how this run was started, enough to repeat it."""
+    save_json({"config": plan.config.to_dict(), "data_dir": str(plan.data_dir), "class_dir": str(plan.class_dir),
+               "instance_prompt": plan.instance_prompt, "class_word": plan.class_word,
+               "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+               "trainable_parameters": trainable, "images": sources, "command": sys.argv,
+               "versions": package_versions()}, plan.out_dir / RUN_FILE)
+
+
+def cached_sha256(path: str | Path) -> str:
+    """sha256 of a (large) file, remembered in `<file>.sha256` next to it while size and mtime match."""
+    path = Path(path)
+    stat = path.stat()
+    sidecar = path.with_name(path.name + ".sha256")
+    try:
+        known = json.loads(sidecar.read_text())
+        if known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
+            return known["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = file_sha256(path)
+    try:
+        save_json({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, sidecar)
+    except OSError:
+        pass  # a read-only model folder: hash again next time
+    return digest
+
+
+def package_versions() -> dict[str, str]:
+    """Python, platform, the packages that shape a result, and the git commit of this code."""
+    versions = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=5)
+        versions["git_commit"] = commit.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        versions["git_commit"] = "unknown"
+    return versions
+
+
+class RunLog:
+    """JSONL lines under logs/ and TensorBoard scalars when tensorboard is installed (main process only).
+
+    A run resumed from step k first drops what an interrupted run logged after step k, so the log reads
+    like the one of an uninterrupted run.
+    """
+
+    def __init__(self, out_dir: Path, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.writer = None
+        self.path = out_dir / LOG_DIR / LOG_FILE
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            kept = []
+            if start_step and self.path.is_file():
+                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / LOG_DIR / TENSORBOARD_DIR),
+                                            purge_step=start_step + 1 if start_step else None)
+            except ImportError:
+                self.writer = None
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def image(self, tag: str, image: Image.Image, step: int) -> None:
+        if self.writer is not None:
+            self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def step_logs(accelerator: Any, loss: Tensor, terms: dict[str, Tensor], scheduler: Any, grad_norm: Tensor | None,
+              elapsed: float) -> dict[str, float]:
+    """A step's log line: loss and its terms averaged over the processes, learning rates, gradient norm, time."""
+    reduced = accelerator.reduce(torch.stack([loss.detach(), *(t.detach() for t in terms.values())]), "mean")
+    logs = {"loss": reduced[0].item(), **{f"loss_{k}": v.item() for k, v in zip(terms, reduced[1:])}}
+    lrs = scheduler.get_last_lr()
+    logs["lr"] = lrs[0]
+    if len(lrs) > 1:
+        logs["text_lr"] = lrs[-1]
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    logs["elapsed_s"] = round(elapsed, 2)
+    return logs
+
+
+def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainImage] | None, instance_views: int,
+                  trainable: int, accelerator: Any, seconds: float) -> str:
+    """The lines printed before the first step: the subject, prior preservation, what trains and how."""
+    cfg = plan.train
+    crops = Counter(image.crop for image in instance)
+    lines = [f"subject: {len(instance)} photos from {plan.data_dir} "
+             f"({', '.join(f'{n} {c}' for c, n in crops.items())}), {instance_views} views; "
+             f"class word {plan.class_word!r}; prompt {plan.instance_prompt!r}"]
+    if classes:
+        lines.append(f"prior preservation: {len(classes)} class images from {plan.class_dir}, "
+                     f"weight {cfg.prior_loss_weight}")
+    else:
+        lines.append("prior preservation: off")
+    lines.append(f"training: {trainable:,} parameters (U-ViT LoRA r={cfg.rank} on {len(cfg.lora_targets)} target "
+                 f"kinds, text encoder {cfg.text_encoder_mode}); {cfg.train_step} steps x "
+                 f"({cfg.batch_size}{f' + {cfg.class_batch_size}' if classes else ''}) x "
+                 f"{accelerator.num_processes} process(es); {accelerator.mixed_precision} on {accelerator.device}; "
+                 f"images encoded in {seconds:.1f}s")
+    return "\n".join(lines)
+
+
+def personalization_meta(config: ml_collections.ConfigDict, plan: Plan, models: Models, trainable: int,
+                         warnings: list[str]) -> dict[str, Any]:
+    """personalization.json's record of what was trained (sample.py rebuilds the adapters from it)."""
+    cfg = config.train
+    nnet_path = Path(config.paths.nnet)
+    meta = {
+        "modifier_token": plan.token,
+        "initializer_token": plan.initializer if plan.token else None,
+        "num_vectors": int(cfg.num_vectors) if plan.token else 0,
+        "class_word": plan.class_word,
+        "instance_prompt": plan.instance_prompt,
+        "text_encoder_mode": cfg.text_encoder_mode,
+        "uvit_lora": models.uvit_spec.to_dict(),
+        "uvit_lora_targets": list(cfg.lora_targets),
+        "base_checkpoint": {"file": nnet_path.name, "sha256": cached_sha256(nnet_path)},
+        "trainable_parameters": trainable,
+        "steps": int(cfg.train_step),
+        "recipe": plan.recipe(),
+        "warnings": warnings,
+    }
+    if models.text_spec is not None:
+        meta["text_lora"] = models.text_spec.to_dict()
+    return meta
