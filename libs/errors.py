@@ -2,14 +2,17 @@
 
 A `UserError` is something the person running the command can fix (a missing file, a bad flag, a
 folder in the way): it is printed as one `error: <message>` line on stderr and the process exits 2,
-without a traceback. Anything else is a bug and keeps its traceback.
+without a traceback. A full disk is treated the same way wherever it strikes. Anything else is a bug
+and keeps its traceback.
 """
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable, TypeVar
 
 EXIT_USER_ERROR = 2
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 EXIT_INTERRUPTED = 130
 
 T = TypeVar("T")
@@ -25,6 +28,13 @@ def run_cli(main: Callable[[], T]) -> T:
         return main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as error:
+        if error.errno not in DISK_FULL:
+            raise
+        print(f"error: no space left on the disk (writing {error.filename or 'a file'}); free space, then run the "
+              "same command again: sampling continues with --skip_existing, training with --resume latest",
+              file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -65,23 +65,29 @@ def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.
     mode = meta.get("text_encoder_mode", "frozen")
     if mode not in TEXT_ENCODER_MODES:
         raise ValueError(f"text_encoder_mode {mode!r} not in {TEXT_ENCODER_MODES}")
-    written = []
+    files: dict[str, Any] = {}
     if meta.get("uvit_lora"):
-        save_safetensors(lora_state_dict(nnet), out_dir / UVIT_LORA_FILE)
-        written.append(out_dir / UVIT_LORA_FILE)
+        files[UVIT_LORA_FILE] = lora_state_dict(nnet)
     if text_encoder is not None and text_encoder.modifier_token:
-        save_safetensors({text_encoder.modifier_token: text_encoder.new_token_rows()}, out_dir / TOKEN_FILE)
-        written.append(out_dir / TOKEN_FILE)
+        files[TOKEN_FILE] = {text_encoder.modifier_token: text_encoder.new_token_rows()}
     if mode == "lora":
-        save_safetensors(lora_state_dict(text_encoder.transformer), out_dir / TEXT_LORA_FILE)
-        written.append(out_dir / TEXT_LORA_FILE)
+        files[TEXT_LORA_FILE] = lora_state_dict(text_encoder.transformer)
     elif mode == "full":
-        state = {k: v for k, v in text_encoder.transformer.state_dict().items() if not k.endswith("extra_weight")}
-        save_safetensors(state, out_dir / TEXT_FULL_FILE)
-        written.append(out_dir / TEXT_FULL_FILE)
-    save_json(meta, out_dir / META_FILE)
-    written.append(out_dir / META_FILE)
-    return written
+        files[TEXT_FULL_FILE] = {k: v for k, v in text_encoder.transformer.state_dict().items()
+                                 if not k.endswith("extra_weight")}
+    written = []
+    try:
+        for name, tensors in files.items():
+            save_safetensors(tensors, out_dir / name)
+            written.append(out_dir / name)
+        save_json(meta, out_dir / META_FILE)  # last: a folder with personalization.json is complete
+    except OSError as error:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the personalization into {out_dir}: {error.strerror or error}; "
+                              "none of its files were kept; free space, then rerun the same command with "
+                              "--resume latest (it continues from the last checkpoint)") from error
+    return [*written, out_dir / META_FILE]
 
 
 def read_meta(restore_path: Path) -> dict[str, Any]:

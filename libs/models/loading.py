@@ -7,6 +7,7 @@ folder is absent and the config names one.
 """
 from __future__ import annotations
 
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -129,7 +130,7 @@ def _from_pretrained(cls, source: str, what: str):
     try:
         with quiet_transformers():
             return cls.from_pretrained(source)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, pickle.UnpicklingError) as error:  # a refused pickle is a bad file, not a bug
         offline = (f" (hub access is off: HF_HUB_OFFLINE=1; put the model folder into models/ or "
                    f"${EXTRA_MODELS_ENV})" if hub_offline() and not Path(source).is_dir() else "")
         raise CheckpointError(f"cannot load the {what} from {source!r}{offline}: {str(error).splitlines()[0]}\n"

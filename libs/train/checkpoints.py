@@ -45,16 +45,25 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
     """Trainable tensors, optimizer/scheduler/loss-scaler state and the recipe, written to a temporary
-    folder and renamed into place; then all but the newest `keep` checkpoints are removed."""
+    folder and renamed into place; then all but the newest `keep` checkpoints are removed. A write that
+    fails (a full disk) removes its temporary folder and says which checkpoint a resume would use."""
     folder = out_dir / CHECKPOINT_DIR
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_safetensors({n: p for n, p in model.named_parameters() if p.requires_grad}, tmp / CHECKPOINT_WEIGHTS)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None}, tmp / CHECKPOINT_OPTIMIZER)
-    save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
+    try:
+        tmp.mkdir(parents=True)
+        save_safetensors({n: p for n, p in model.named_parameters() if p.requires_grad}, tmp / CHECKPOINT_WEIGHTS)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / CHECKPOINT_OPTIMIZER)
+        save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
+    except OSError as error:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(out_dir)
+        resume = (f"`--resume latest` continues from {previous[-1].name}" if previous
+                  else "no earlier checkpoint exists: the run starts over")
+        raise CheckpointError(f"cannot write the checkpoint of step {step} into {folder}: "
+                              f"{error.strerror or error}; nothing of it was kept; free space, then {resume}") from error
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -63,10 +72,25 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     return final
 
 
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """training_state.json of a checkpoint (step, recipe, images), checked before anything is loaded."""
+    file = path / CHECKPOINT_STATE
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise CheckpointError(f"cannot read {file}: {error}; delete {path} to resume from the checkpoint "
+                              "before it, or pass --overwrite to start over") from error
+    if (not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0
+            or not isinstance(state.get("recipe"), dict)):
+        raise CheckpointError(f"{file} is not a training state (it needs a step and a recipe); delete {path} to "
+                              "resume from the checkpoint before it, or pass --overwrite to start over")
+    return state
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     scaler: Any) -> dict[str, Any]:
-    """Restore what save_checkpoint wrote; returns its state (step, recipe, images)."""
-    state = json.loads((path / CHECKPOINT_STATE).read_text())
+    """Restore what save_checkpoint wrote (compare `read_checkpoint_state` first); returns its state."""
+    state = read_checkpoint_state(path)
     weights = load_safetensors(path / CHECKPOINT_WEIGHTS, "checkpoint weights")
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     problems = key_mismatches(own, weights)
@@ -77,10 +101,14 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         for name, param in own.items():
             param.copy_(weights[name])
     rest = safe_torch_load(path / CHECKPOINT_OPTIMIZER, "optimizer state")
-    optimizer.load_state_dict(rest["optimizer"])
-    scheduler.load_state_dict(rest["scheduler"])
-    if scaler is not None and rest["scaler"] is not None:
-        scaler.load_state_dict(rest["scaler"])
+    try:
+        optimizer.load_state_dict(rest["optimizer"])
+        scheduler.load_state_dict(rest["scheduler"])
+        if scaler is not None and rest["scaler"] is not None:
+            scaler.load_state_dict(rest["scaler"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path / CHECKPOINT_OPTIMIZER} does not hold this run's optimizer state ({error}); "
+                              f"delete {path} to resume from the checkpoint before it, or pass --overwrite") from error
     return state
 
 

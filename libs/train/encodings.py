@@ -16,7 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from libs.checkpoint import CheckpointError, file_sha256, load_safetensors, save_safetensors
-from libs.models.clip import clip_image_preprocess
+from libs.models.clip import CLIPTextEncoder, clip_image_preprocess
 from libs.models.loading import image_encoder_source, load_image_encoder
 from libs.train.images import TrainImage
 from libs.train.model import JointNoisePredictor, Models
@@ -167,7 +167,19 @@ def build_data(config: ml_collections.ConfigDict, plan: Plan, instance: list[Tra
         text_trains = mode in ("lora", "full") or (plan.token is not None and any(plan.token in p for p in prompts))
         if not text_trains:
             data.class_text = _encode_once(model, data.class_ids)
+    data.warnings += long_prompt_warnings(text_encoder, [plan.instance_prompt] + [c.caption for c in classes or []])
     return data
+
+
+def long_prompt_warnings(text_encoder: CLIPTextEncoder, prompts: list[str]) -> list[str]:
+    """One warning per distinct prompt longer than CLIP reads (77 tokens): the rest is cut, never seen."""
+    warnings = []
+    for prompt in dict.fromkeys(prompts):
+        tokens = text_encoder.count_tokens(prompt)
+        if tokens > text_encoder.max_length:
+            warnings.append(f"the prompt {prompt!r} is {tokens} CLIP tokens; training reads the first "
+                            f"{text_encoder.max_length} and cuts the rest")
+    return warnings
 
 
 def _encode_once(model: JointNoisePredictor, ids: Tensor, chunk: int = 64) -> Tensor:

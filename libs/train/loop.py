@@ -5,7 +5,9 @@ UniDiffuser's joint noise-prediction loss (libs/train/batches.py) and DreamBooth
 """
 from __future__ import annotations
 
+import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -15,11 +17,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from libs.locks import claimed_folder
 from libs.personalization import save_personalization
 from libs.precision import autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, load_checkpoint, recipe_differences, remove_checkpoints,
-                                    save_checkpoint)
+from libs.train.checkpoints import (CHECKPOINT_DIR, list_checkpoints, load_checkpoint, read_checkpoint_state,
+                                    recipe_differences, remove_checkpoints, save_checkpoint)
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
@@ -46,10 +49,20 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
           on_step: StepCallback | None = None) -> TrainResult | None:
     """Train one subject and write its personalization into `out_dir`; None when there was nothing to do.
 
-    Every check (flags, photos, class set, output folder, model files) runs before the first write.
+    Every check (flags, photos, class set, output folder, model files) runs before the first write, and the
+    output folder is this run's alone while it trains (a second run on it stops at once, naming this one).
     `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss); an exception
     it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
     """
+    from accelerate import PartialState
+
+    owner = claimed_folder(out_dir, "train.py") if PartialState().is_main_process else nullcontext()
+    with owner:
+        return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step)
+
+
+def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
+           overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None) -> TrainResult | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -91,7 +104,8 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     data = build_data(config, plan, instance, classes, models, accelerator.device, accelerator.is_main_process)
     if class_warning:
         data.warnings.append(class_warning)
-        log(f"warning: {class_warning}")
+    for warning in data.warnings:
+        log(f"warning: {warning}")
     log(start_summary(plan, instance, classes, len(data.instance), trainable_parameters, accelerator,
                       time.perf_counter() - started))
 
@@ -137,8 +151,12 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
                 logs = step_logs(accelerator, loss, terms, scheduler, grad_norm, time.perf_counter() - started)
                 run_log.write(step, logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if accelerator.is_main_process and (step % cfg.checkpointing_steps == 0 or
-                                                (step == cfg.train_step and cfg.keep_checkpoints)):
+                if not math.isfinite(logs["loss"]):
+                    raise _diverged(plan, step, f"the loss became {logs['loss']}")
+            checkpoint_now = step % cfg.checkpointing_steps == 0 or (step == cfg.train_step and cfg.keep_checkpoints)
+            if (checkpoint_now or step == cfg.train_step) and not all(bool(torch.isfinite(p).all()) for p in params):
+                raise _diverged(plan, step, "the trained weights hold NaN or inf values")
+            if accelerator.is_main_process and checkpoint_now:
                 save_checkpoint(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
                                 checkpoint_state, int(cfg.checkpoints_total_limit))
             if step != cfg.train_step and cfg.validation_steps and step % cfg.validation_steps == 0:
@@ -164,10 +182,20 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files)
 
 
+def _diverged(plan: Plan, step: int, what: str) -> TrainingError:
+    """Training cannot go on; say so, and which checkpoint is the last good one (nothing non-finite is saved)."""
+    kept = list_checkpoints(plan.out_dir)
+    last = (f"the last good checkpoint is {kept[-1]} (`--resume latest` retries from it with the same settings)"
+            if kept else "no checkpoint was written before it")
+    return TrainingError(f"{what} at step {step}: training stopped; {last}. Lower --lr (or keep --max_grad_norm > 0) "
+                         "and pass --overwrite to start again")
+
+
 def _resume(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
             checkpoint_state: dict[str, Any]) -> int:
-    """Load the checkpoint if it was made with the same recipe and images; returns its step."""
-    saved = load_checkpoint(plan.resume_from, model, optimizer, scheduler, scaler)
+    """Load the checkpoint if it was made with the same recipe and images; returns its step. The recipe is
+    compared before any tensor is loaded, so a changed setting is named instead of failing on a shape."""
+    saved = read_checkpoint_state(plan.resume_from)
     changed = recipe_differences(saved.get("recipe", {}), checkpoint_state["recipe"])
     if changed:
         raise TrainingError(f"{plan.resume_from} was trained with other settings: {'; '.join(changed)}; "
@@ -175,6 +203,7 @@ def _resume(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     if saved.get("images") != checkpoint_state["images"]:
         raise TrainingError(f"the photos or class images changed since {plan.resume_from} was written; "
                             "pass --overwrite to start over with the new ones")
+    load_checkpoint(plan.resume_from, model, optimizer, scheduler, scaler)
     step = int(saved["step"])
     if step > plan.train.train_step:
         raise TrainingError(f"{plan.resume_from} is at step {step}, beyond --train_step {plan.train.train_step}")

@@ -89,6 +89,8 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     class_dir = None
     if cfg.with_prior_preservation:
         class_dir = Path(cfg.class_data_dir.replace("{class_word}", class_word))
+    if cfg.cache_dir and cfg.cache_latents and Path(cfg.cache_dir).exists() and not Path(cfg.cache_dir).is_dir():
+        raise TrainingError(f"--cache_dir {cfg.cache_dir} is a file, not a folder: pick a folder for the encodings")
 
     plan = Plan(config, data_dir, out_dir, class_word, token, cfg.initializer_token or class_word, instance_prompt,
                 class_dir)
