@@ -14,38 +14,30 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import math
 from contextlib import ExitStack
 from pathlib import Path
 
+import ml_collections
 import torch
 
-from libs.config import DEFAULT_CONFIG, apply_overrides, load_config
+from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import UserError, run_cli
+from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
 from libs.locks import claimed_folder
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
 from libs.sample_files import sample_prompts
 from libs.sample_runs import SampleRun, discover_runs
-from libs.sampling import CFG_MODES, load_base, personalize
+from libs.sampling import CFG_MODES, load_base, personalize, resolve_device
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+# keys outside config.sample that are flags too: flag name -> dotted key
+OTHER_KEYS = {"seed": "seed", "nnet_path": "paths.nnet"}
 
 
-def finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
+    """The flags; the config-key flags show `config`'s values as their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     one = parser.add_argument_group("one run (the competition's command line)")
     one.add_argument("--restore_path", "--weight_dir", dest="restore_path",
@@ -63,20 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(split="auto")
     parser.add_argument("--base_model", action="store_true",
                         help="sample the plain base model on purpose (no personalization; --restore_path not read)")
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config name in configs/ or a .py path (tiny: the toy world)")
-    parser.add_argument("--nnet_path", default=None, help="base U-ViT checkpoint (default: the config's models/uvit_v1.pth)")
-    parser.add_argument("--steps", type=positive_int, default=None, help="solver steps = model evaluations (config: 50)")
-    parser.add_argument("--scale", type=finite_float, default=None, help="guidance scale s in cond + s(cond - uncond) (config: 7)")
-    parser.add_argument("--cfg_mode", choices=CFG_MODES, default=None, help="unconditional pass (config: true_uncond)")
-    parser.add_argument("--seed", type=int, default=None, help="base seed; each image's noise is keyed by it and its indices")
+    parser.add_argument(CONFIG_FLAG, default=DEFAULT_CONFIG,
+                        help="config name in configs/ or a .py path (tiny: the toy world); the settings default to it")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--n_samples", type=positive_int, default=None, help="images per prompt (config: 3)")
-    parser.add_argument("--batch_size", type=positive_int, default=None,
-                        help="images denoised together, across prompts (config: 3)")
+    settings = parser.add_argument_group("settings", "each sets the config.sample key of its name (--seed: the top-level "
+                                         f"key; --nnet_path: paths.nnet); the defaults are the {CONFIG_FLAG} file's values")
+    add_config_flags(settings, config, {**OTHER_KEYS, **block_keys(config, "sample")},
+                     key_comments(config_path(DEFAULT_CONFIG)), {"sample.cfg_mode": CFG_MODES})
     parser.add_argument("--skip_existing", action="store_true", help="resume: make only the images not yet written "
                         "(an existing image is kept only if it decodes completely)")
     parser.add_argument("--no_prompt_rewrite", action="store_true",
                         help="do not insert the trained token before the class word (boy -> <new1> boy)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser(load_config(selected_config(argv)))
     args = parser.parse_args(argv)
     single = [args.restore_path, args.prompt_path, args.output_path]
     if args.all and any(single):
@@ -107,16 +101,14 @@ def plan_runs(args: argparse.Namespace) -> list[SampleRun]:
 
 
 def main(args: argparse.Namespace) -> None:
-    config = load_config(args.config)
-    apply_overrides(config, {"paths.nnet": args.nnet_path, "sample.steps": args.steps, "sample.scale": args.scale,
-                             "sample.cfg_mode": args.cfg_mode, "sample.n_samples": args.n_samples,
-                             "sample.batch_size": args.batch_size, "seed": args.seed})
+    config = apply_overrides(load_config(args.config), overrides(args))
+    device = resolve_device(args.device)
     ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else
     runs = plan_runs(args)
     with ExitStack() as folders:
         for run in runs:
             folders.enter_context(claimed_folder(run.output_path, "sample.py"))
-        base = load_base(config, args.device)
+        base = load_base(config, device)
         for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
             pipeline = personalize(base, restore_path, count_parameters=True)
             for run in group:

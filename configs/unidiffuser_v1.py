@@ -69,11 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- sampling (spec §5; official defaults) ---
     config.sample = d(
-        steps=50,
-        scale=7.0,
-        cfg_mode="true_uncond",  # or "empty_token"
-        n_samples=3,
-        batch_size=3,  # images denoised together (cond + uncond share one forward)
+        steps=50,  # solver steps = model evaluations (the official 50)
+        scale=7.0,  # guidance scale s in cond + s(cond - uncond) (the official 7)
+        cfg_mode="true_uncond",  # the unconditional pass: true_uncond (official: noise text at t=1000) or empty_token
+        n_samples=3,  # images per prompt (the competition grades exactly 3)
+        batch_size=3,  # images denoised together, across prompts (cond + uncond share one forward)
     )
 
     # --- personalization training (train.py) ---
