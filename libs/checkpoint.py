@@ -3,6 +3,7 @@ atomic writes of our own artefacts (safetensors / JSON)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from libs.errors import UserError
 
@@ -110,10 +111,22 @@ def _umask() -> int:
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Atomic safetensors write (contiguous CPU copies, so views and GPU tensors are fine)."""
+    """Atomic safetensors write (contiguous CPU copies, so views and GPU tensors are fine). Serialized in
+    memory first, so a full disk is an OSError naming the file, not a library's internal error."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_bytes(save(tensors, metadata=dict(metadata) if metadata else None), path)
+
+
+def save_torch(data: Any, path: str | Path) -> None:
+    """Atomic `torch.save` (serialized in memory first, for the same reason as save_safetensors)."""
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    save_bytes(buffer.getvalue(), path)
+
+
+def save_bytes(data: bytes, path: str | Path) -> None:
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
+        tmp.write_bytes(data)
 
 
 def load_safetensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from libs.checkpoint import (CheckpointError, key_mismatches, load_safetensors, safe_torch_load, save_json,
-                             save_safetensors)
+                             save_safetensors, save_torch)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -54,7 +54,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     try:
         tmp.mkdir(parents=True)
         save_safetensors({n: p for n, p in model.named_parameters() if p.requires_grad}, tmp / CHECKPOINT_WEIGHTS)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        save_torch({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None}, tmp / CHECKPOINT_OPTIMIZER)
         save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
     except OSError as error:
