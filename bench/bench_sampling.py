@@ -157,8 +157,8 @@ def phase_laps(pipeline: T2IPipeline, watch: Stopwatch) -> Iterator[None]:
     without being changed: noise setup | text encoder + prefix | denoising loop | VAE decode | the rest."""
     handles = [pipeline.text_encoder.register_forward_pre_hook(lambda *_: watch.lap("other")),
                pipeline.caption_decoder.register_forward_hook(lambda *_: watch.lap("text")),
-               pipeline.autoencoder.post_quant_conv.register_forward_pre_hook(lambda *_: watch.lap("denoise")),
-               pipeline.autoencoder.decoder.register_forward_hook(lambda *_: watch.lap("decode"))]
+               pipeline.autoencoder.vae.post_quant_conv.register_forward_pre_hook(lambda *_: watch.lap("denoise")),
+               pipeline.autoencoder.vae.decoder.register_forward_hook(lambda *_: watch.lap("decode"))]
     try:
         yield
     finally:

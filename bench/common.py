@@ -33,10 +33,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from libs.config import REPO_ROOT, latent_shape, load_config
-from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as CAPTION_PREFIX
-from libs.models.loading import quiet_transformers
+from libs.models.loading import autoencoder_ldm_state, build_autoencoder, quiet_transformers
 from libs.models.uvit import UViT
 from libs.precision import autocast  # noqa: F401 - re-exported for the bench scripts
 from libs.tiny_world import write_clip_tokenizer
@@ -111,7 +110,7 @@ def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iter
         files = {"nnet": folder / "uvit_v1.pth", "autoencoder": folder / "autoencoder_kl.pth",
                  "caption_decoder": folder / "caption_decoder.pth"}
         torch.save(UViT(**config.nnet).state_dict(), files["nnet"])
-        torch.save(AutoencoderKL(**config.autoencoder).state_dict(), files["autoencoder"])
+        torch.save(autoencoder_ldm_state(build_autoencoder(config)), files["autoencoder"])
         prefix = CaptionDecoderPrefix(**config.caption_decoder).state_dict()
         torch.save({f"{CAPTION_PREFIX}{k}": v for k, v in prefix.items()}, files["caption_decoder"])
         text_dir, image_dir = folder / "clip-vit-large-patch14", folder / "clip-vit-base-patch32"

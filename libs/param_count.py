@@ -10,7 +10,7 @@ from torch import nn
 
 from libs.checkpoint import load_torch_state_dict
 from libs.models.clip import CLIPTextEncoder
-from libs.models.loading import original_text_encoder_state
+from libs.models.loading import original_autoencoder_state, original_text_encoder_state
 
 
 def _canonical(name: str) -> str:
@@ -46,8 +46,6 @@ def count_finetuned_parameters(config: ml_collections.ConfigDict, nnet: nn.Modul
     """
     nnet_file = Path(config.paths.nnet)
     total = count_changed_parameters(nnet.named_parameters(), load_torch_state_dict(nnet_file, "U-ViT checkpoint"))
-    vae_file = Path(config.paths.autoencoder)
-    total += count_changed_parameters(autoencoder.named_parameters(),
-                                      load_torch_state_dict(vae_file, "autoencoder checkpoint"))
+    total += count_changed_parameters(autoencoder.named_parameters(), original_autoencoder_state(config))
     total += count_changed_parameters(text_encoder.transformer.named_parameters(), original_text_encoder_state(config))
     return total

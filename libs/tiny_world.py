@@ -19,9 +19,9 @@ from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPToken
 
 from libs.checkpoint import atomic_path
 from libs.config import load_config
-from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIP_MEAN, CLIP_STD
+from libs.models.loading import autoencoder_ldm_state, build_autoencoder
 from libs.models.uvit import UViT
 
 MARKER = "tiny_world.json"
@@ -119,7 +119,7 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     config = load_config(config_name)
     folder = Path(out) if out else Path(config.paths.nnet).parent
     marker = folder / MARKER
-    fingerprint = {"config": {k: v for k, v in config.to_dict().items() if k != "paths"}, "seed": SEED, "format": 1}
+    fingerprint = {"config": {k: v for k, v in config.to_dict().items() if k != "paths"}, "seed": SEED, "format": 2}
     fingerprint = json.loads(json.dumps(fingerprint, default=list))
     if not force and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return folder
@@ -129,7 +129,7 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     torch.manual_seed(SEED)
 
     _save_pickle(UViT(**config.nnet).state_dict(), folder / "uvit_v1.pth")
-    _save_pickle(AutoencoderKL(**config.autoencoder).state_dict(), folder / "autoencoder_kl.pth")
+    _save_pickle(autoencoder_ldm_state(build_autoencoder(config)), folder / "autoencoder_kl.pth")
     _save_pickle(caption_decoder_state(config), folder / "caption_decoder.pth")
 
     tiny = config.tiny_clip

@@ -2,22 +2,27 @@
 the official pickles (strict, `weights_only`, memory-mapped, built on the `meta` device so 952 M
 parameters are never randomly initialised first), the CLIP towers from Hugging Face folders.
 
+The VAE file is in the LDM layout and the network is diffusers': diffusers' own conversion reads it
+(checked to use every key), `autoencoder_ldm_state` writes a model back in that layout.
+
 Paths come from the config, already absolute (libs/config.py); hub ids are used only when the local
 folder is absent and the config names one.
 """
 from __future__ import annotations
 
 import pickle
+import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import ml_collections
 import torch
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_ldm_vae_checkpoint
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import logging as hf_logging
 
-from libs.checkpoint import DOWNLOAD_HINT, CheckpointError, load_strict, load_torch_state_dict
+from libs.checkpoint import DOWNLOAD_HINT, CheckpointError, key_mismatches, load_strict, load_torch_state_dict
 from libs.config import EXTRA_MODELS_ENV, hub_offline
 from libs.download import resolve_pretrained
 from libs.models.autoencoder import AutoencoderKL
@@ -72,14 +77,102 @@ def load_uvit(config: ml_collections.ConfigDict, device: str | torch.device = "c
 # --- the autoencoder ----------------------------------------------------------------------------
 
 
+def build_autoencoder(config: ml_collections.ConfigDict, device: str | torch.device = "cpu") -> AutoencoderKL:
+    """A VAE with the architecture in `config.autoencoder` (uninitialized when on meta)."""
+    with torch.device(device):
+        return AutoencoderKL(**config.autoencoder.to_dict())
+
+
+# diffusers' names inside a mid-block attention -> LDM's (the inverse of update_vae_attentions_ldm_to_diffusers)
+_LDM_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+# the module order of LDM's AutoencoderKL (its state_dict order; levels in index order inside `down`/`up`)
+_LDM_ORDER = ("encoder.conv_in", "encoder.down", "encoder.mid.block_1", "encoder.mid.attn_1", "encoder.mid.block_2",
+              "encoder.norm_out", "encoder.conv_out", "decoder.conv_in", "decoder.mid.block_1", "decoder.mid.attn_1",
+              "decoder.mid.block_2", "decoder.up", "decoder.norm_out", "decoder.conv_out", "quant_conv",
+              "post_quant_conv")
+
+
+def _ldm_key(name: str, levels: int) -> str:
+    """One diffusers VAE parameter name -> its name in the official LDM file (the inverse of
+    diffusers' `convert_ldm_vae_checkpoint`). Decoder levels count the other way round in LDM."""
+    if name in DIFFUSERS_TO_LDM_MAPPING["vae"]:
+        return DIFFUSERS_TO_LDM_MAPPING["vae"][name]
+    name = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
+    name = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", name)
+    name = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.",
+                  lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", name)
+    name = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                  lambda m: f"decoder.up.{levels - 1 - int(m[1])}.upsample.", name)
+    name = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", name)
+    name = re.sub(r"\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$",
+                  lambda m: f".mid.attn_1.{_LDM_ATTENTION.get(m[1], m[1])}.{m[2]}", name)
+    return name.replace(".conv_shortcut.", ".nin_shortcut.")
+
+
+def autoencoder_ldm_state(model: AutoencoderKL) -> dict[str, torch.Tensor]:
+    """The model's weights in the official `autoencoder_kl.pth` layout: LDM names and order, the mid-block
+    attention projections as 1x1 convolutions. What the tiny world and the benches write; `load_autoencoder`
+    reads it back exactly."""
+    levels = len(model.vae.config.block_out_channels)
+    items = []
+    for name, tensor in model.vae.state_dict().items():
+        key = _ldm_key(name, levels)
+        if ".mid.attn_1." in key and tensor.ndim == 2:  # diffusers' Linear -> LDM's Conv2d(kernel_size=1)
+            tensor = tensor[:, :, None, None]
+        items.append((key, tensor))
+    # stable sort into LDM's module order; within a module diffusers registers the tensors in LDM's order
+    return dict(sorted(items, key=lambda item: _ldm_rank(item[0])))
+
+
+def _ldm_rank(key: str) -> tuple[int, int]:
+    group = next((i for i, prefix in enumerate(_LDM_ORDER) if key.startswith(prefix + ".")), len(_LDM_ORDER))
+    level = re.match(r"(?:encoder\.down|decoder\.up)\.(\d+)\.", key)
+    return group, int(level[1]) if level else 0
+
+
+def autoencoder_state_from_ldm(model: AutoencoderKL, state: Mapping[str, torch.Tensor],
+                               source: str | Path) -> dict[str, torch.Tensor]:
+    """An LDM-layout state (the official file's) in the names of `model.vae`, by diffusers' own conversion.
+
+    Strict: the file must hold exactly the LDM keys and shapes of this architecture, and every one of its
+    tensors must come out of the conversion (which silently skips keys it does not know)."""
+    problems = key_mismatches(autoencoder_ldm_state(model), state)
+    if problems:
+        raise CheckpointError("\n".join([f"{source} is not an LDM KL autoencoder of this config "
+                                         "(is it the right file / config?)", *problems]))
+    converted = {k: v for k, v in convert_ldm_vae_checkpoint(dict(state), model.vae.config).items() if v is not None}
+    used = {id(_root(tensor)) for tensor in converted.values()}
+    unused = sorted(key for key, tensor in state.items() if id(_root(tensor)) not in used)
+    problems = key_mismatches(model.vae.state_dict(), converted)
+    if unused or problems or len(converted) != len(state):
+        lines = [f"  file keys the conversion did not use: {', '.join(unused)}"] if unused else []
+        raise CheckpointError("\n".join([f"{source}: diffusers' LDM conversion does not map the file onto "
+                                         "the model one to one (a diffusers version this code does not know?)",
+                                         *lines, *problems]))
+    return converted
+
+
+def _root(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a view was taken from (the conversion slices the attention weights)."""
+    return tensor if tensor._base is None else tensor._base
+
+
 def load_autoencoder(config: ml_collections.ConfigDict, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> AutoencoderKL:
-    """`config.autoencoder` strictly loaded from `config.paths.autoencoder`, frozen for inference."""
-    with torch.device("meta"):
-        model = AutoencoderKL(**config.autoencoder.to_dict())
+    """`config.autoencoder` strictly loaded from the LDM-layout `config.paths.autoencoder`, frozen for inference."""
     path = Path(config.paths.autoencoder)
-    load_strict(model, load_torch_state_dict(path, "autoencoder checkpoint"), path)
+    model = build_autoencoder(config, "meta")
+    state = autoencoder_state_from_ldm(model, load_torch_state_dict(path, "autoencoder checkpoint"), path)
+    load_strict(model.vae, state, path)
     return _frozen(model, device, dtype)
+
+
+def original_autoencoder_state(config: ml_collections.ConfigDict) -> dict[str, torch.Tensor]:
+    """A fresh copy of the VAE's weights under the sampling model's parameter names: the reference for the
+    changed-parameter count (spec §7)."""
+    return load_autoencoder(config).state_dict()
 
 
 # --- the caption decoder's prefix ----------------------------------------------------------------
