@@ -333,7 +333,7 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> No
 def test_two_writers_on_one_folder(script, tmp_path, tiny_config_file, photos, restore, prompts):
     out = tmp_path / "shared"
     if script == "train":
-        args = [REPO_ROOT / "train.py", *train_args(tiny_config_file, photos, out, "--train_step", "200",
+        args = [REPO_ROOT / "train.py", *train_args(tiny_config_file, photos, out, "--train_step", "20000",
                                                       "--checkpointing_steps", "1000")]
     else:
         args = [REPO_ROOT / "sample.py", *sample_args(tiny_config_file, restore, prompts, out, "--steps", "3000")]
