@@ -23,3 +23,17 @@ def test_dockerfile_installs_requirements_and_keeps_models_a_mount():
     text = (ROOT / "Dockerfile").read_text()
     assert "pip install -r requirements.txt" in text
     assert 'VOLUME ["/workspace/models"]' in text
+
+
+def test_submission_image_is_offline_and_bakes_what_is_not_mounted():
+    from libs.config import EXTRA_MODELS_ENV
+    from libs.submission import STAGE_DIR
+
+    text = (ROOT / "Dockerfile").read_text()
+    assert "HF_HUB_OFFLINE=1" in text and f"{EXTRA_MODELS_ENV}=/opt/unidiffuser/models" in text
+    assert f"COPY {STAGE_DIR.as_posix()}/ /opt/unidiffuser/models/" in text
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    for private in ("models/", "train_data/", "train_data_crop/", "outputs/", ".venv", ".git"):
+        assert private in ignored  # weights are mounted, photos are never redistributed
+    assert not any(entry.startswith(("model_output", "build")) for entry in ignored)  # the submission itself
