@@ -151,7 +151,7 @@ def build_data(config: ml_collections.ConfigDict, plan: Plan, instance: list[Tra
     clip_image = load_image_encoder(config, device)
     encoder = ImageEncoder(models.autoencoder, clip_image, device)
     # the disk cache is the main process's: the others encode for themselves (seconds) and write nothing
-    cache_dir = Path(cfg.cache_dir).expanduser() if cfg.cache_dir and cfg.cache_latents and is_main else None
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir and cfg.cache_latents and is_main else None
     cache = dict(cached=bool(cfg.cache_latents), batch_size=int(cfg.encode_batch_size), cache_dir=cache_dir,
                  cache_key=encoder_fingerprint(config) if cache_dir else "")
     model = models.model
