@@ -12,9 +12,6 @@ this process: eval_prompts/<name>.json -> outputs/<name>, eval_prompts_advance/<
 from __future__ import annotations
 
 import argparse
-import gc
-import itertools
-from contextlib import ExitStack
 from pathlib import Path
 
 import ml_collections
@@ -22,14 +19,10 @@ import torch
 
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
-from libs.errors import UserError, run_cli
+from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.locks import claimed_folder
-from libs.personalization import check_restore_path
-from libs.prompts import load_prompts
-from libs.sample_files import sample_prompts
-from libs.sample_runs import SampleRun, discover_runs
-from libs.sampling import CFG_MODES, load_base, personalize, resolve_device
+from libs.sample_runs import SampleRun, check_runs, discover_runs, render_runs
+from libs.sampling import CFG_MODES, resolve_device
 
 
 # keys outside config.sample that are flags too: flag name -> dotted key
@@ -83,20 +76,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def plan_runs(args: argparse.Namespace) -> list[SampleRun]:
-    """The runs to make, every input checked before any model is loaded."""
+    """The runs to make (those of the working folder with --all), every input checked."""
     if args.all:
         runs = discover_runs(Path.cwd(), args.split, base_model=args.base_model)
-        print(f"found {len(runs)} prompt file(s): " + ", ".join(str(run.prompt_path.relative_to(Path.cwd()))
-                                                               for run in runs))
+        print(f"found {len(runs)} prompt file(s): "
+              + ", ".join(str(run.prompt_path.relative_to(Path.cwd())) for run in runs))
     else:
         restore = None if args.base_model else Path(args.restore_path)
         runs = [SampleRun(restore, Path(args.prompt_path), Path(args.output_path))]
-    for run in runs:
-        load_prompts(run.prompt_path)
-        if run.restore_path is not None:
-            check_restore_path(run.restore_path)
-        if run.output_path.exists() and not run.output_path.is_dir():
-            raise UserError(f"output path {run.output_path} is a file, not a folder")
+    check_runs(runs)
     return runs
 
 
@@ -105,25 +93,8 @@ def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else
     runs = plan_runs(args)
-    with ExitStack() as folders:
-        for run in runs:
-            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
-        base = load_base(config, device)
-        for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
-            pipeline = personalize(base, restore_path, count_parameters=True)
-            for run in group:
-                if args.all:
-                    print(f"== {run.prompt_path} with {restore_path or 'the base model'} -> {run.output_path}")
-                print(pipeline.personalization.describe())
-                print(f"finetuned parameters: {pipeline.finetuned_parameters}", flush=True)
-                prompts = load_prompts(run.prompt_path)
-                made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
-                                      skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite)
-                print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {run.output_path}")
-            del pipeline
-            gc.collect()
-            if base.device.type == "cuda":
-                torch.cuda.empty_cache()
+    render_runs(config, device, runs, skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite,
+                announce=args.all)
     if args.all:
         print(f"sample.py: all {len(runs)} run(s) finished")
 

@@ -7,11 +7,22 @@ personalization and its output folder, so `./sample.sh` with no arguments render
 """
 from __future__ import annotations
 
+import gc
+import itertools
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import ml_collections
+import torch
+
 from libs.errors import UserError
+from libs.locks import claimed_folder
+from libs.personalization import check_restore_path
+from libs.prompts import load_prompts
+from libs.sample_files import sample_prompts
+from libs.sampling import load_base, personalize
 from libs.subjects import ADVANCED_SPLITS, SUBJECTS
 
 PRELIMINARY_PROMPTS = "eval_prompts"
@@ -66,3 +77,38 @@ def discover_runs(root: str | Path, split: str = "auto", subjects: Sequence[str]
         raise UserError(f"prompt files exist for subjects that have no trained personalization: {', '.join(absent)} "
                         "missing; train them first (./train.sh), or pass --base_model to sample the plain base model")
     return runs
+
+
+def check_runs(runs: Sequence[SampleRun]) -> None:
+    """Every input of every run, checked before any model is loaded: prompt files, personalizations, outputs."""
+    for run in runs:
+        load_prompts(run.prompt_path)
+        if run.restore_path is not None:
+            check_restore_path(run.restore_path)
+        if run.output_path.exists() and not run.output_path.is_dir():
+            raise UserError(f"output path {run.output_path} is a file, not a folder")
+
+
+def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
+                skip_existing: bool = False, rewrite: bool = True, announce: bool = False) -> None:
+    """Render the runs in this process: every output folder claimed first, the base models loaded once, each
+    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file."""
+    with ExitStack() as folders:
+        for run in runs:
+            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
+        base = load_base(config, device)
+        for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
+            pipeline = personalize(base, restore_path, count_parameters=True)
+            for run in group:
+                if announce:
+                    print(f"== {run.prompt_path} with {restore_path or 'the base model'} -> {run.output_path}")
+                print(pipeline.personalization.describe())
+                print(f"finetuned parameters: {pipeline.finetuned_parameters}", flush=True)
+                prompts = load_prompts(run.prompt_path)
+                made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
+                                      skip_existing=skip_existing, rewrite=rewrite)
+                print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {run.output_path}")
+            del pipeline  # the next personalization starts from the base alone
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -151,12 +151,14 @@ def test_personalized_run_writes_three_jpegs_per_prompt(config_file, prompt_file
     assert "nothing to sample" in stdout and only_count(stdout) == expected
     assert {name: path.stat().st_mtime_ns for name, path in image_files(out).items()} == stamps
 
-    # an interrupted run: one image lost, only that one is made again, identical to before
+    # an interrupted run: one image lost, only that one is made again, the same image as before (its noise is
+    # keyed by its indices; made alone instead of in a batch of 3, float sums may only be reordered)
     lost = pixels(files["1-002.jpg"])
     files["1-002.jpg"].unlink()
     run(config_file, restore, prompt_file, out, "--skip_existing")
     assert "wrote 1 image(s)" in capsys.readouterr().out
-    assert np.array_equal(pixels(out / "1-002.jpg"), lost)
+    diff = np.abs(pixels(out / "1-002.jpg") - lost)
+    assert diff.max() <= 2 and diff.mean() < 0.05
 
 
 def test_images_do_not_depend_on_other_prompts_or_batch_size(config_file, base_dir, tmp_path):
