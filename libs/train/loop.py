@@ -6,6 +6,7 @@ UniDiffuser's joint noise-prediction loss (libs/train/batches.py) and DreamBooth
 from __future__ import annotations
 
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -54,10 +55,10 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss); an exception
     it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
     """
-    from accelerate import PartialState
-
-    owner = claimed_folder(out_dir, "train.py") if PartialState().is_main_process else nullcontext()
-    with owner:
+    # rank 0 of a launched group (or a lone process) holds the folder; accelerate is not set up yet, and
+    # setting it up here would fix its state before the Accelerator below chooses it
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with claimed_folder(out_dir, "train.py") if main_process else nullcontext():
         return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step)
 
 
