@@ -16,7 +16,7 @@ import train as train_script
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
-from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe
+from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE, plan_candidates
 
 # the objective (sim_face here) of each recipe's validated steps
@@ -110,11 +110,15 @@ def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(t
     assert run_auto_recipe(auto_config(tiny_config), photos, out, resume="latest", score_fn=RecipeCurves()) is None
 
 
-def test_auto_recipe_needs_validation(tiny_config, photos, tmp_path):
+def test_auto_recipe_needs_validation_and_a_budget(tiny_config, photos, tmp_path):
     config = auto_config(tiny_config)
     config.train.validation_steps = 0
-    with pytest.raises(Exception, match="validation_steps must be > 0"):
+    with pytest.raises(TrainingError, match="validation_steps must be > 0"):
         run_auto_recipe(config, photos, tmp_path / "out")
+    config.train.update(validation_steps=1, auto_budget=1)
+    with pytest.raises(TrainingError, match="raise --auto_budget"):
+        run_auto_recipe(config, photos, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def main_exit(config, photos: Path, out: Path) -> int:

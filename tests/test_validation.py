@@ -238,6 +238,16 @@ def test_without_a_face_model_selection_uses_clip(tiny_config, photos, tmp_path,
     assert selection["chosen_step"] == best
 
 
+def test_without_buffalo_l_faces_are_scored_with_dlib_and_it_says_so(tiny_config, tmp_path, monkeypatch, capsys):
+    import libs.face
+
+    monkeypatch.setattr(libs.face, "INSIGHTFACE_ROOT", str(tmp_path / "no_insightface"))
+    scorer = MetricScorer(tiny_config, "auto")
+    assert scorer.face_backend == "dlib"
+    said = capsys.readouterr().out
+    assert said.count("face backend: dlib") == 1 and "NOT comparable" in said
+
+
 def test_dlib_without_a_face_in_the_photos_falls_back_and_says_so(tiny_config, public_photos, tmp_path, capsys):
     folder = tmp_path / "girl1"
     folder.mkdir()

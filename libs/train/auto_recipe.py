@@ -124,6 +124,9 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
     plan = make_plan(config, data_dir, out_dir, resume, overwrite)
     out, work = plan.out_dir, plan.out_dir / AUTO_DIR
     candidates = plan_candidates(config, work)
+    if not any(c.status == RUN for c in candidates):
+        raise TrainingError(f"auto_budget {cfg.auto_budget} is smaller than the train_step of every recipe "
+                            f"({', '.join(f'{c.recipe.name} {c.steps}' for c in candidates)}): raise --auto_budget")
     if resume and plan.finished:
         print(f"{out} already holds a finished personalization: nothing to resume (pass --overwrite to search again)")
         return None
@@ -196,10 +199,7 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
         writer.writeheader()
         writer.writerows(rows)
     print("\n".join(_table_lines(rows)))
-    winner = next((c for c, row in zip(candidates, rows) if row["winner"]), None)
-    if winner is None:
-        raise TrainingError(f"no recipe was trained: auto_budget {config.train.auto_budget} is smaller than every "
-                            "candidate's train_step")
+    winner = next(c for c, row in zip(candidates, rows) if row["winner"])
     try:
         check_restore_path(winner.folder)
     except CheckpointError as error:
