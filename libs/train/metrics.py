@@ -19,6 +19,7 @@ gives the logged numbers when `validation_images` is 3 (score.py reads three ima
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -152,7 +153,7 @@ class MetricScorer:
     applied to a validated step, aggregated as score.py aggregates the advanced split."""
 
     def __init__(self, config: ml_collections.ConfigDict, face_backend: str = "auto", device: str = "cpu"):
-        from libs.scoring import Scorer
+        from libs.scoring import Scorer  # here: libs.train.plan imports this module for its choices only
 
         self.scorer = Scorer(validation_face_backend(face_backend), config=config, device=str(device),
                              progress=False)
@@ -163,8 +164,6 @@ class MetricScorer:
         return self.scorer.face.name
 
     def __call__(self, rendered: Rendered) -> ValidationScores:
-        import warnings
-
         from libs.scoring import ScoringWarning
 
         with warnings.catch_warnings():
