@@ -2,11 +2,13 @@
 
     accelerate launch --mixed_precision fp16 --num_processes 1 train.py -d train_data/boy1 -o model_output/boy1
     python train.py -d train_data/boy1 -o model_output/boy1 --no_prior_preservation --train_step 300
+    python train.py -d train_data/boy1 -o model_output/boy1 --auto_recipe     # a budgeted search over recipes
 
 Every key of `config.train` in the config file (configs/unidiffuser_v1.py) is a flag of the same name,
 with the key's comment as its help and the config's value as its default. The output folder gets what
-sample.py reads (personalization.json, uvit_lora.safetensors, token_embeddings.safetensors),
-train_config.json, logs/ and validation/.
+sample.py reads (personalization.json, uvit_lora.safetensors, token_embeddings.safetensors): the adapters
+of the validated step that scores best on the competition metric (--selection last: the last step's),
+train_config.json, logs/ and validation/ (images, grids and curves.png).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_confi
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
 from libs.lora import BLOCK_TARGETS, TOP_LEVEL_TARGETS
-from libs.train import CHOICES, train
+from libs.train import CHOICES, RECIPES, run_auto_recipe, train
 
 # keys outside config.train that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -41,6 +43,7 @@ def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
                      help="default: what `accelerate launch` / `accelerate config` says, else no")
     choices = {f"train.{key}": allowed for key, allowed in CHOICES.items()}
     choices["train.lora_targets"] = BLOCK_TARGETS + TOP_LEVEL_TARGETS
+    choices["train.auto_recipes"] = tuple(recipe.name for recipe in RECIPES)
     comments = key_comments(config_path(DEFAULT_CONFIG))
     settings = parser.add_argument_group(
         "settings", "each sets the config.train key of its name (--seed, --resolution: the top-level keys;\n"
@@ -59,8 +62,10 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 
 def main(args: argparse.Namespace) -> None:
-    train(config_from_args(args), args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
-          mixed_precision=args.mixed_precision)
+    config = config_from_args(args)
+    run = run_auto_recipe if config.train.auto_recipe else train
+    run(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
+        mixed_precision=args.mixed_precision)
 
 
 if __name__ == "__main__":

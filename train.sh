@@ -2,11 +2,12 @@
 # Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/subjects.py).
 #
 #   ./train.sh [extra train.py flags...]        e.g. ./train.sh --train_step 600 --rank 16
+#   ./train.sh --auto_recipe                     a budgeted recipe search per subject (libs/train/auto_recipe.py)
 #
 # Photos: train_data_crop/<name> when it exists (made by `python tools/crop.py`), else
 # train_data/<name>. Output: model_output/<name>. Prior preservation uses class_data/boy or
 # class_data/girl when present (`python tools/class_images.py ...`), and is switched off otherwise.
-# A re-run continues an interrupted subject and skips finished ones (--resume latest); pass
+# A re-run continues an interrupted subject (or recipe search) and skips finished ones (--resume latest); pass
 # --overwrite to train everything again. Stops at the first subject that fails.
 set -euo pipefail
 cd "$(dirname "$0")"

@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Sequence
 import ml_collections
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig,
+                          CLIPVisionModelWithProjection)
 
 from libs.config import REPO_ROOT, latent_shape, load_config
 from libs.models.caption_decoder import CaptionDecoderPrefix
@@ -121,6 +122,18 @@ def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iter
         local.paths.update({name: str(path) for name, path in files.items()})
         local.paths.update(clip_text=str(text_dir), clip_text_hub="", clip_img=str(image_dir), clip_img_hub="")
         yield local
+
+
+def write_scorer_clip(folder: Path, sizes: ml_collections.ConfigDict, seed: int = 0) -> Path:
+    """A random full CLIPModel (image tower of `sizes`, text tower of `sizes`) with the real tokenizer: what
+    libs.scoring.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
+    torch.manual_seed(seed)
+    write_clip_tokenizer(folder)
+    with quiet_transformers():
+        config = CLIPConfig(text_config=_clip_text_config(sizes).to_dict(),
+                            vision_config=_clip_vision_config(sizes).to_dict(), projection_dim=sizes.projection_dim)
+        CLIPModel(config).save_pretrained(folder)
+    return folder
 
 
 def _clip_text_config(sizes: ml_collections.ConfigDict) -> CLIPTextConfig:

@@ -72,6 +72,9 @@ def get_config() -> ml_collections.ConfigDict:
         log_every=1,
         checkpointing_steps=4,
         validation_steps=0,
-        validation_prompts=("a photo of a {class_word}", "a {class_word} standing in the wild"),
+        validation_sim_prompts=("a photo of a {class_word}",),
+        validation_edit_prompts=("a {class_word} standing in the wild",),
+        validation_sample_steps=2,
+        auto_budget=16,
     )
     return config

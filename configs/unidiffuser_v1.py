@@ -99,10 +99,17 @@ def get_config() -> ml_collections.ConfigDict:
         class_prompt="",  # one prompt for all class images; "" = the class set's own captions
         num_class_images=200,  # class images used: the first ones of the set
         # the loss: instance_loss_weight x instance image MSE + prior_loss_weight x class image MSE
-        #           + clip_img_loss_weight x clip_img MSE (instance and class rows); nothing else
+        #           + clip_img_loss_weight x clip_img MSE (instance and class rows); nothing else, apart
+        #           from the two switches after the weights (libs/train/batches.py): masked_loss turns the
+        #           instance MSE into a person-mask-weighted mean, min_snr_gamma multiplies every row's terms
+        #           by min(SNR, gamma) / SNR. Both off by default: on real weights their effect on the
+        #           competition metric is unmeasured here; --auto_recipe measures it per subject
         instance_loss_weight=1.0,  # weight of the instance images' latent MSE
         prior_loss_weight=1.0,  # weight of the class images' latent MSE: DreamBooth's 1; the reference's about 0.2
         clip_img_loss_weight=1.0,  # weight of the CLIP image embedding MSE (instance and class rows)
+        masked_loss=False,  # instance latent MSE weighted by the person mask (tools/crop.py masks/); photos without one: plain MSE
+        mask_background_weight=0.0,  # with masked_loss: weight of the background latent cells (the person's is 1)
+        min_snr_gamma=0.0,  # min-SNR-gamma weighting of every row by min(SNR, gamma) / SNR (5 is usual); 0 = off
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
         lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/lora.py)
@@ -132,13 +139,30 @@ def get_config() -> ml_collections.ConfigDict:
         checkpointing_steps=100,  # write a checkpoint (for --resume) every N steps
         checkpoints_total_limit=1,  # checkpoints kept during training
         keep_checkpoints=False,  # keep the last checkpoint after training (to extend a run later)
-        validation_steps=250,  # validation images every N steps; 0 = only the fixed-noise loss at start and end
-        validation_prompts=(  # prompts of the validation images; the token is put before the class word
+        # validation: the competition metric on fixed-seed images during training (libs/train/metrics.py)
+        validation_steps=125,  # validate (images + metric) every N steps and at the end; 0 = only the fixed-noise loss at start and end (and the last step is kept)
+        validation_sim_prompts=(  # "sim" validation prompts (the subject as photographed); the token goes before the class word
             "a photo of a {class_word}",
-            "a {class_word} standing in the wild",
-            "a {class_word} wearing a suit, oil painting",
             "a close-up photo of a {class_word} smiling",
         ),
+        validation_edit_prompts=(  # "edit" validation prompts (places, clothes, actions, styles), scored with CLIP-T too
+            "a {class_word} standing on a beach at sunset",
+            "a {class_word} wearing a red hoodie in a cafe",
+            "a {class_word} riding a bicycle in the city",
+            "an oil painting of a {class_word} in the style of Van Gogh",
+        ),
+        validation_images=1,  # images per validation prompt (score.py reads 3 per prompt when re-scoring the folder)
+        validation_sample_steps=20,  # DPM-Solver++ steps of a validation image (sample.py uses sample.steps, 50)
+        validation_batch_size=8,  # validation images denoised together
+        validation_face_backend="auto",  # auto: insightface buffalo_l when installed, else dlib, else none (CLIP only)
+        # which step's adapters are written (libs/train/selection.py)
+        selection="best",  # best: the validated step with the highest objective; last: the last step
+        objective="sim_face + edit_face + edit_clip_text",  # "best" by [weight*]metric terms joined by +; metrics: sim_face sim_clip_img edit_face edit_clip_img edit_clip_text
+        # the automatic recipe (libs/train/auto_recipe.py)
+        auto_recipe=False,  # train the auto_recipes candidates (within auto_budget) and write the best by objective - penalty
+        auto_recipes=("base", "half_rank", "double_lr", "identity_levers", "text_lora", "longer"),  # candidates, in order
+        auto_budget=2000,  # optimizer steps of all candidates together; one that does not fit is skipped
+        auto_param_penalty=0.002,  # objective points subtracted per million changed parameters (U-ViT r=32: 0.049)
     )
     return config
 

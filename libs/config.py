@@ -97,6 +97,13 @@ KEY_RANGES: dict[str, Range] = {
     "train.checkpointing_steps": AT_LEAST_ONE,
     "train.checkpoints_total_limit": AT_LEAST_ONE,
     "train.validation_steps": NON_NEGATIVE,
+    "train.mask_background_weight": Range(0, 1),
+    "train.min_snr_gamma": NON_NEGATIVE,
+    "train.validation_images": AT_LEAST_ONE,
+    "train.validation_sample_steps": AT_LEAST_ONE,
+    "train.validation_batch_size": AT_LEAST_ONE,
+    "train.auto_budget": AT_LEAST_ONE,
+    "train.auto_param_penalty": NON_NEGATIVE,
 }
 
 

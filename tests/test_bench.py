@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_sampling, bench_training, bench_uvit
+from bench import bench_sampling, bench_training, bench_uvit, bench_validation
 from bench.common import RESULT_FIELDS, bench_config, counted_flops, uvit_forward_flops, uvit_inputs
 from libs.models.uvit import UViT
 
@@ -57,6 +57,13 @@ def test_bench_scripts_write_complete_lines(tmp_path: Path) -> None:
                                           "subject_speedup_vs_baseline", "lora_rank"))
     assert [l["config"] for l in lines] == ["baseline", "default", "no_cache"]
     assert lines[0]["lora_rank"] == 64 and lines[0]["mode"]["cached"] is False
+
+    bench_validation.main(COMMON + out + ["--face-backend", "none"])
+    lines = read_lines(tmp_path, "bench_validation")
+    check_lines(lines, "bench_validation", ())
+    assert [l["config"] for l in lines] == ["train_step", "validation"]
+    assert lines[1]["validations_per_run"] == 4 and lines[1]["overhead_fraction"] > 0
+    assert 0 < lines[1]["render_s"] + lines[1]["score_s"] < lines[1]["median_s"]
 
 
 @pytest.mark.parametrize("size", ["tiny", "full"])

@@ -103,10 +103,10 @@ def test_switches_come_in_pairs_and_the_last_one_wins():
 
 
 def test_tuple_keys_take_several_values():
-    cfg = config_of([*BASE, "--lora_targets", "qkv", "patch_embed.proj", "--validation_prompts",
+    cfg = config_of([*BASE, "--lora_targets", "qkv", "patch_embed.proj", "--validation_edit_prompts",
                      "a photo of a {class_word}", "a {class_word} at the beach"]).train
     assert cfg.lora_targets == ("qkv", "patch_embed.proj")
-    assert cfg.validation_prompts == ("a photo of a {class_word}", "a {class_word} at the beach")
+    assert cfg.validation_edit_prompts == ("a photo of a {class_word}", "a {class_word} at the beach")
 
 
 @pytest.mark.parametrize("flag, value, message", [

@@ -171,12 +171,11 @@ def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config
     assert done.returncode == 0, done.stderr
 
     for name in (META_FILE, UVIT_LORA_FILE, TOKEN_FILE, RUN_FILE, f"{LOG_DIR}/{LOG_FILE}",
-                 f"{VALIDATION_DIR}/step-000000.jpg", f"{VALIDATION_DIR}/step-000002.jpg",
-                 f"{VALIDATION_DIR}/step-000003.jpg"):
+                 f"{VALIDATION_DIR}/step-000002.jpg", f"{VALIDATION_DIR}/step-000003.jpg"):
         assert (out / name).is_file(), name
     assert not (out / TEXT_LORA_FILE).exists() and not (out / CHECKPOINT_DIR).exists()
     with Image.open(out / VALIDATION_DIR / "step-000003.jpg") as grid:
-        assert grid.size == (2 * 256, 256)  # the tiny config's two validation prompts
+        assert grid.size == (48 + 256, 2 * 256)  # a labelled row per split, the tiny config's one prompt each
 
     meta = json.loads((out / META_FILE).read_text())
     assert meta["modifier_token"] == "<new1>" and meta["initializer_token"] == "boy" and meta["class_word"] == "boy"

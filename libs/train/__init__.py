@@ -8,8 +8,12 @@
     batches.py      one step's noisy batch and the joint loss (spec §5)
     checkpoints.py  checkpoints to resume exactly
     records.py      train_config.json, logs, the start summary, the personalization's meta record
-    validation.py   fixed-noise loss and fixed-seed images during training
+    metrics.py      the validation set (sim/edit prompts) and the competition metric on it (libs.scoring)
+    selection.py    the objective and the best validated step's adapters (candidates on disk)
+    curves.py       the validation curves as a PNG
+    validation.py   fixed-noise loss, and the validation images rendered, scored and logged during training
     loop.py         train(): the recipe
+    auto_recipe.py  run_auto_recipe(): a budgeted search over documented recipes, best by objective - penalty
 """
 from libs.train.batches import Batch, BatchMaker, ViewSampler, loss_terms, noisy_batch, total_loss
 from libs.train.checkpoints import (CHECKPOINT_DIR, RESUMABLE_CHANGES, list_checkpoints, load_checkpoint,
@@ -22,6 +26,9 @@ from libs.train.optim import SCHEDULERS, make_optimizer, make_scheduler
 from libs.train.plan import CHOICES, Plan, TrainingError, make_plan
 from libs.train.records import LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, RunLog
 from libs.train.validation import fixed_noise_loss
+from libs.train.metrics import MetricScorer, Rendered, ScoreFn, ValidationScores, ValidationSet
+from libs.train.selection import METRICS, Objective, Selection
+from libs.train.auto_recipe import RECIPES, run_auto_recipe
 
 __all__ = [
     "Batch", "BatchMaker", "ViewSampler", "loss_terms", "noisy_batch", "total_loss",
@@ -35,4 +42,7 @@ __all__ = [
     "CHOICES", "Plan", "TrainingError", "make_plan",
     "LOG_DIR", "LOG_FILE", "RUN_FILE", "VALIDATION_DIR", "RunLog",
     "fixed_noise_loss",
+    "MetricScorer", "Rendered", "ScoreFn", "ValidationScores", "ValidationSet",
+    "METRICS", "Objective", "Selection",
+    "RECIPES", "run_auto_recipe",
 ]

@@ -6,7 +6,15 @@ x_n = sqrt(abar_n) x_0 + sqrt(1 - abar_n) eps with the Stable-Diffusion betas (l
 schedule the sampler uses too). The U-ViT predicts both noises; the loss is
 
     instance_loss_weight x MSE(z, instance rows) + prior_loss_weight x MSE(z, class rows)
-    + clip_img_loss_weight x MSE(clip_img, all rows).
+    + clip_img_loss_weight x MSE(clip_img, all rows),
+
+each MSE a mean over its rows of per-row means, and two switches (both off by default, nothing else):
+
+* `masked_loss`: an instance row's latent MSE is the mean weighted by its person mask on the latent grid
+  (background weight `mask_background_weight`), i.e. sum(w (pred - eps)^2) / sum(w): with a mask of ones
+  it is the plain MSE; background cells at weight 0 get no gradient. Rows without a mask: plain MSE.
+* `min_snr_gamma` > 0: every row's term is multiplied by min(SNR_n, gamma) / SNR_n (min-SNR-gamma for
+  epsilon prediction, SNR_n = abar_n / (1 - abar_n)); gamma -> infinity gives the plain loss.
 
 Everything random in step k (which views, posterior samples, timesteps, noise, dropout) is drawn from
 generators keyed by (seed, k, process), so a resumed run repeats exactly what an uninterrupted one does.
@@ -17,13 +25,12 @@ from dataclasses import dataclass
 
 import ml_collections
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from libs.diffusion import N_TRAIN_STEPS, add_noise, alphas_cumprod, keyed_generator
 from libs.train.encodings import TrainData
 
-# independent random streams of one step
+# independent random streams of one step (libs/train/metrics.py's validation images use stream 6)
 STREAM_INSTANCE, STREAM_CLASS, STREAM_NOISE, STREAM_DROPOUT, STREAM_EVAL = range(1, 6)
 
 
@@ -60,11 +67,34 @@ class Batch:
     text_ids: Tensor | None
     text_cached: Tensor | None
     num_instance: int
+    instance_weight: Tensor | None = None  # [num_instance, 1, h, w] latent-cell weights (masked loss), or None
+    row_weight: Tensor | None = None  # [rows] min-SNR weights, or None
 
 
 def dropout_seed(seed: int, step: int, rank: int) -> int:
     """The global torch seed for step k's dropout masks (LoRA dropout draws from torch's default generator)."""
     return keyed_generator(seed, step, rank, STREAM_DROPOUT).initial_seed()
+
+
+def min_snr_weights(timesteps: Tensor, gamma: float) -> Tensor:
+    """min(SNR_n, gamma) / SNR_n per row (float32): the min-SNR-gamma weight of an epsilon-prediction loss."""
+    abar = alphas_cumprod()[timesteps]
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=gamma) / snr).float()
+
+
+def mask_weights(masks: Tensor, background_weight: float) -> Tensor:
+    """Person masks in [0, 1] -> latent-cell loss weights: 1 on the person, `background_weight` off it."""
+    return background_weight + (1.0 - background_weight) * masks
+
+
+def row_mse(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Per-row mean squared error [B] (fp32), weighted by `weight` (broadcast over channels) when given."""
+    error = (pred.float() - target.float()).pow(2)
+    if weight is None:
+        return error.flatten(1).mean(1)
+    weight = weight.to(error).expand_as(error)
+    return (weight * error).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-8)
 
 
 def noisy_batch(moments: Tensor, clip: Tensor, autoencoder: nn.Module, abar: Tensor, generator: torch.Generator,
@@ -86,6 +116,9 @@ class BatchMaker:
 
     def __init__(self, data: TrainData, cfg: ml_collections.ConfigDict, autoencoder: nn.Module, seed: int, rank: int):
         self.data, self.autoencoder, self.seed, self.rank = data, autoencoder, seed, rank
+        self.masked = bool(cfg.masked_loss) and data.instance.has_masks
+        self.background_weight = float(cfg.mask_background_weight)
+        self.gamma = float(cfg.min_snr_gamma)
         self.abar = alphas_cumprod()
         self.instance_views = ViewSampler(len(data.instance), int(cfg.batch_size), seed, rank, STREAM_INSTANCE)
         self.class_views = (ViewSampler(len(data.classes), int(cfg.class_batch_size), seed, rank, STREAM_CLASS)
@@ -109,20 +142,25 @@ class BatchMaker:
                 ids.append(data.class_ids[images])
         generator = keyed_generator(self.seed, step, self.rank, STREAM_NOISE)
         z_t, clip_t, n, eps_z, eps_clip = noisy_batch(moments, clip, self.autoencoder, self.abar, generator)
+        weight = mask_weights(data.instance.mask_lookup(views), self.background_weight) if self.masked else None
         return Batch(z_t, clip_t, n, eps_z, eps_clip, torch.cat(ids) if ids else None,
-                     torch.cat(cached) if cached else None, len(views))
+                     torch.cat(cached) if cached else None, len(views), weight,
+                     min_snr_weights(n, self.gamma) if self.gamma > 0 else None)
 
 
 def loss_terms(model: nn.Module, batch: Batch, device: torch.device) -> dict[str, Tensor]:
-    """The three MSE terms of the joint loss (fp32); `class` is absent without class rows."""
+    """The three MSE terms of the joint loss (fp32), with the batch's mask and min-SNR weights when it has
+    them; `class` is absent without class rows."""
     img_out, clip_out = model(batch.z_t.to(device), batch.clip_t.to(device), batch.timesteps, batch.text_ids,
                               batch.text_cached)
     eps_z, eps_clip = batch.eps_z.to(device), batch.eps_clip.to(device)
+    rows = torch.ones(img_out.shape[0], device=device) if batch.row_weight is None else batch.row_weight.to(device)
     k = batch.num_instance
-    terms = {"instance": F.mse_loss(img_out[:k].float(), eps_z[:k])}
+    weight = batch.instance_weight.to(device) if batch.instance_weight is not None else None
+    terms = {"instance": (row_mse(img_out[:k], eps_z[:k], weight) * rows[:k]).mean()}
     if img_out.shape[0] > k:
-        terms["class"] = F.mse_loss(img_out[k:].float(), eps_z[k:])
-    terms["clip_img"] = F.mse_loss(clip_out.float(), eps_clip)
+        terms["class"] = (row_mse(img_out[k:], eps_z[k:]) * rows[k:]).mean()
+    terms["clip_img"] = (row_mse(clip_out, eps_clip) * rows).mean()
     return terms
 
 

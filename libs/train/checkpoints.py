@@ -27,10 +27,12 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE = "training_state.json"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
-# keys that may change when a run is resumed: they do not change what a step computes
+# keys that may change when a run is resumed: they do not change what a step computes (nor how a validated
+# step is scored and chosen: the validation set, face backend, selection and objective stay as recorded)
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
-                     "validation_steps", "validation_prompts", "cache_latents", "cache_dir", "encode_batch_size",
-                     "gradient_checkpointing", "compile")
+                     "validation_steps", "validation_batch_size", "cache_latents", "cache_dir", "encode_batch_size",
+                     "gradient_checkpointing", "compile", "auto_recipe", "auto_recipes", "auto_budget",
+                     "auto_param_penalty")
 
 
 def list_checkpoints(out_dir: str | Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """Training data as the steps use it: every view (image x flip) of the instance and class images
-encoded once by the frozen VAE encoder and CLIP image tower (in memory, optionally on disk), and the
-prompts' token ids, or their encodings when the text path does not train.
+encoded once by the frozen VAE encoder and CLIP image tower (in memory, optionally on disk), with its
+person mask on the latent grid when the image has one (the masked loss), and the prompts' token ids, or
+their encodings when the text path does not train.
 """
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from typing import Sequence
 import ml_collections
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from libs.checkpoint import CheckpointError, file_sha256, load_safetensors, save_safetensors
+from libs.config import LATENT_FACTOR
 from libs.models.clip import CLIPTextEncoder, clip_image_preprocess
 from libs.models.loading import image_encoder_source, load_image_encoder
 from libs.train.images import TrainImage
@@ -48,13 +51,21 @@ class ImageEncoder:
         return moments.float().cpu(), clip.float().cpu()
 
 
+def latent_mask(mask: Image.Image) -> Tensor:
+    """A person mask (L, 255 = person) -> [1, H/8, W/8] float32 in [0, 1]: the share of person pixels in
+    each latent cell (an 8x8 area mean)."""
+    pixels = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return F.avg_pool2d(pixels, LATENT_FACTOR)[0]
+
+
 class LatentSource:
     """Moments and CLIP embeddings of every view (image x flip) of an image list, kept on the CPU (a step
-    draws its posterior samples there from seeded generators, then moves one small batch to the device).
+    draws its posterior samples there from seeded generators, then moves one small batch to the device),
+    and the views' person masks on the latent grid when any image has one.
 
     With `cached` they are encoded once, in chunks (and read from / written to `cache_dir` when given,
-    keyed by the prepared pixels plus `cache_key`, which should name the encoders); otherwise the views a
-    step asks for are encoded on the spot, exactly as the cache would hold them.
+    keyed by the prepared pixels, the mask's pixels, and `cache_key`, which should name the encoders);
+    otherwise the views a step asks for are encoded on the spot, exactly as the cache would hold them.
     """
 
     def __init__(self, images: Sequence[TrainImage], hflip: bool, encoder: ImageEncoder, cached: bool = True,
@@ -64,6 +75,8 @@ class LatentSource:
         self.encoder: ImageEncoder | None = encoder
         self.moments: Tensor | None = None
         self.clip: Tensor | None = None
+        self.masks: Tensor | None = None  # [views, 1, h, w] when cached and any image has a mask
+        self.has_masks = any(image.mask is not None for image in self.images)
         if cached:
             self._encode_all(batch_size, Path(cache_dir) if cache_dir else None, cache_key)
             self.encoder = None  # the towers can be freed: every view is in the cache
@@ -75,15 +88,34 @@ class LatentSource:
         image, flip = divmod(index, self.num_flips)
         return self.images[image].views(self.num_flips == 2)[flip]
 
+    def view_mask(self, index: int) -> Image.Image | None:
+        image, flip = divmod(index, self.num_flips)
+        masks = self.images[image].mask_views(self.num_flips == 2)
+        return masks[flip] if masks else None
+
     def lookup(self, indices: Tensor) -> tuple[Tensor, Tensor]:
         """Moments [B, 2C, h, w] and CLIP image embeddings [B, D] of these views (float32, CPU)."""
         if self.moments is not None:
             return self.moments[indices], self.clip[indices]
         return self.encoder([self.view(int(i)) for i in indices])
 
+    def mask_lookup(self, indices: Tensor) -> Tensor:
+        """Person masks [B, 1, h, w] of these views on the latent grid; ones for a view without a mask."""
+        if self.masks is not None:
+            return self.masks[indices]
+        return torch.stack([self._latent_mask(int(i)) for i in indices])
+
+    def _latent_mask(self, index: int) -> Tensor:
+        mask = self.view_mask(index)
+        if mask is not None:
+            return latent_mask(mask)
+        side = self.images[index // self.num_flips].image.size[0] // LATENT_FACTOR
+        return torch.ones(1, side, side)
+
     def _encode_all(self, batch_size: int, cache_dir: Path | None, cache_key: str) -> None:
         moments: list[Tensor | None] = [None] * len(self)
         clip: list[Tensor | None] = [None] * len(self)
+        masks: list[Tensor | None] = [None] * len(self)
         keys = [self._key(i, cache_key) for i in range(len(self))] if cache_dir else []
         if cache_dir:
             for i, key in enumerate(keys):
@@ -93,21 +125,32 @@ class LatentSource:
                         stored = load_safetensors(entry, "latent cache entry")
                     except CheckpointError:
                         continue  # a damaged entry is simply encoded again
-                    moments[i], clip[i] = stored["moments"], stored["clip"]
+                    if self.view_mask(i) is not None and "mask" not in stored:
+                        continue
+                    moments[i], clip[i], masks[i] = stored["moments"], stored["clip"], stored.get("mask")
         todo = [i for i in range(len(self)) if moments[i] is None]
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             chunk_moments, chunk_clip = self.encoder([self.view(i) for i in chunk])
             for j, i in enumerate(chunk):
                 moments[i], clip[i] = chunk_moments[j], chunk_clip[j]
+                entry = {"moments": moments[i], "clip": clip[i]}
+                if self.view_mask(i) is not None:
+                    masks[i] = entry["mask"] = latent_mask(self.view_mask(i))
                 if cache_dir:
-                    save_safetensors({"moments": moments[i], "clip": clip[i]}, cache_dir / f"{keys[i]}.safetensors")
+                    save_safetensors(entry, cache_dir / f"{keys[i]}.safetensors")
         self.moments = torch.stack(moments)
         self.clip = torch.stack(clip)
+        if self.has_masks:
+            self.masks = torch.stack([m if m is not None else self._latent_mask(i) for i, m in enumerate(masks)])
 
     def _key(self, index: int, cache_key: str) -> str:
+        """The disk cache key of a view: its pixels, its mask's pixels (when it has one) and the encoders."""
         digest = hashlib.sha256(f"v{CACHE_VERSION}|{cache_key}|".encode())
         digest.update(self.view(index).tobytes())
+        mask = self.view_mask(index)
+        if mask is not None:
+            digest.update(b"|mask|" + mask.tobytes())
         return digest.hexdigest()
 
 

@@ -6,6 +6,9 @@ face when a face box is known (the data-preparation step's `crops.json`, or a fa
 centre. A horizontal flip is a second cached *view* of the same image, not a per-step transform
 (libs/train/encodings.py encodes every view once). Photos are read only through libs.photos, class
 sets only through libs.class_set.
+
+With `masks`, a photo's person mask (the cropping step's `masks/<stem>.png`, libs.photos.person_masks)
+gets exactly the framing of its photo, resized bilinearly (never LANCZOS: it would ring past [0, 255]).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from PIL import Image, ImageOps
 
 from libs.class_set import MAKE_HINT, ClassSetError, load_class_set
 from libs.errors import UserError
-from libs.photos import Box, PhotoError, face_boxes, list_images, open_image
+from libs.photos import Box, PhotoError, face_boxes, list_images, open_image, person_masks
 
 CROP_MODES = ("face", "center")
 
@@ -30,10 +33,17 @@ class TrainImage:
     image: Image.Image  # RGB, resolution x resolution
     crop: str  # how it was framed: "face (crops.json)", "face (<detector>)", "center (<why>)" or "center"
     caption: str | None = None  # the class set's caption (class images only)
+    mask: Image.Image | None = None  # L, resolution x resolution, 255 = person (instance photos with a mask)
 
     def views(self, hflip: bool) -> list[Image.Image]:
         """The image and, with `hflip`, its mirror: the cached augmentations."""
         return [self.image, ImageOps.mirror(self.image)] if hflip else [self.image]
+
+    def mask_views(self, hflip: bool) -> list[Image.Image] | None:
+        """The person mask of each view (flipped with it), None without a mask."""
+        if self.mask is None:
+            return None
+        return [self.mask, ImageOps.mirror(self.mask)] if hflip else [self.mask]
 
 
 # --- framing -------------------------------------------------------------------------------------
@@ -65,13 +75,15 @@ class FaceDetector:
         return face.bbox if face is not None else None
 
 
-def square_crop(image: Image.Image, resolution: int, face_box: Box | None = None) -> Image.Image:
+def square_crop(image: Image.Image, resolution: int, face_box: Box | None = None,
+                resample: int = Image.LANCZOS) -> Image.Image:
     """Resize the short side to `resolution` (aspect ratio kept), then cut the square: centred on the
-    face along the long side when a face box is given (slid to stay inside), else centred."""
+    face along the long side when a face box is given (slid to stay inside), else centred. The framing
+    depends only on the size and the box, so a mask cut with the same arguments lines up with its photo."""
     width, height = image.size
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    resized = image.resize((new_w, new_h), Image.LANCZOS) if (new_w, new_h) != (width, height) else image
+    resized = image.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else image
     left, top = (new_w - resolution) / 2, (new_h - resolution) / 2
     if face_box is not None:
         cx = (face_box[0] + face_box[2]) / 2 * new_w / width
@@ -83,15 +95,17 @@ def square_crop(image: Image.Image, resolution: int, face_box: Box | None = None
 
 
 def load_instance_images(folder: str | Path, resolution: int, crop: str = "face",
-                         min_side: int = 128) -> list[TrainImage]:
+                         min_side: int = 128, masks: bool = False) -> list[TrainImage]:
     """Every photo of the subject folder, framed for training.
 
     crop "face": the square is centred on the face box from crops.json, else on a detected face, else
     on the image (each image's `crop` says which and why); "center": always on the image.
+    `masks`: each photo's person mask, framed the same way (None for photos without one).
     """
     if crop not in CROP_MODES:
         raise PhotoError(f"crop mode {crop!r} not in {CROP_MODES}")
     paths = list_images(folder)
+    mask_files = person_masks(folder) if masks else {}
     boxes = face_boxes(folder) if crop == "face" else {}
     detector = FaceDetector()
     images = []
@@ -105,8 +119,24 @@ def load_instance_images(folder: str | Path, resolution: int, crop: str = "face"
                 how = f"center ({why})"
         if box is None and crop == "center":
             how = "center"
-        images.append(TrainImage(path, square_crop(image, resolution, box), how))
+        mask = _read_mask(mask_files[path.name], image.size) if path.name in mask_files else None
+        images.append(TrainImage(path, square_crop(image, resolution, box), how,
+                                 mask=square_crop(mask, resolution, box, Image.BILINEAR) if mask else None))
     return images
+
+
+def _read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
+    """A person mask as 8-bit L; it must have its photo's size (it was cut with it)."""
+    try:
+        with Image.open(path) as raw:
+            mask = raw.convert("L")
+    except (OSError, ValueError) as error:
+        raise PhotoError(f"cannot read person mask {path}: {error}\n  -> re-run tools/crop.py, or train "
+                         "without --masked_loss") from error
+    if mask.size != size:
+        raise PhotoError(f"person mask {path} is {mask.size[0]}x{mask.size[1]} but its photo is {size[0]}x{size[1]}: "
+                         "re-run tools/crop.py to make them again, or train without --masked_loss")
+    return mask
 
 
 def load_class_images(class_dir: str | Path, resolution: int, num_images: int, min_side: int = 128,

@@ -1,7 +1,9 @@
 """The training recipe, top to bottom: plan, photos, models, data, then the steps, then the result.
 
 Personalization training: a new token, optional text-encoder adapters and a U-ViT LoRA, trained with
-UniDiffuser's joint noise-prediction loss (libs/train/batches.py) and DreamBooth prior preservation.
+UniDiffuser's joint noise-prediction loss (libs/train/batches.py) and DreamBooth prior preservation,
+judged during training by the competition metric (libs/train/validation.py); the adapters written are
+the best validated step's (libs/train/selection.py).
 """
 from __future__ import annotations
 
@@ -24,22 +26,26 @@ from libs.precision import autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import (CHECKPOINT_DIR, list_checkpoints, load_checkpoint, read_checkpoint_state,
                                     recipe_differences, remove_checkpoints, save_checkpoint)
+from libs.train.curves import CURVES_FILE, plot_curves
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
+from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
 from libs.train.optim import make_optimizer, make_scheduler
 from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.records import (RunLog, personalization_meta, prepare_output, start_summary, step_logs,
-                                write_run_file)
+from libs.train.records import (VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
+                                step_logs, write_run_file)
+from libs.train.selection import Selection
 from libs.train.validation import Validation
 
 
 @dataclass
 class TrainResult:
     out_dir: Path
-    step: int
+    step: int  # the steps trained
     trainable_parameters: int
     files: list[Path]
+    selection: dict[str, Any]  # personalization.json's record: the chosen step, the objective, every step's scores
 
 
 StepCallback = Callable[[int, dict[str, float]], None]
@@ -47,23 +53,26 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None = None,
           overwrite: bool = False, mixed_precision: str | None = None,
-          on_step: StepCallback | None = None) -> TrainResult | None:
+          on_step: StepCallback | None = None, score_fn: ScoreFn | None = None) -> TrainResult | None:
     """Train one subject and write its personalization into `out_dir`; None when there was nothing to do.
 
-    Every check (flags, photos, class set, output folder, model files) runs before the first write, and the
-    output folder is this run's alone while it trains (a second run on it stops at once, naming this one).
-    `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss); an exception
-    it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
+    Every check (flags, photos, class set, output folder, model files, the scorer) runs before the first
+    write, and the output folder is this run's alone while it trains (a second run on it stops at once,
+    naming this one). `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss);
+    an exception it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
+    `score_fn` scores a validated step's images (default: libs.train.metrics.MetricScorer, the competition
+    metric); the step it rates best (by `objective`) is the one written.
     """
     # rank 0 of a launched group (or a lone process) holds the folder; accelerate is not set up yet, and
     # setting it up here would fix its state before the Accelerator below chooses it
     main_process = int(os.environ.get("RANK", "0")) == 0
     with claimed_folder(out_dir, "train.py") if main_process else nullcontext():
-        return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step)
+        return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
-           overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None) -> TrainResult | None:
+           overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None,
+           score_fn: ScoreFn | None) -> TrainResult | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -78,7 +87,8 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
         return None
 
     # the photos and the class images, framed as squares
-    instance = load_instance_images(plan.data_dir, config.resolution, cfg.crop, int(cfg.min_image_side))
+    instance = load_instance_images(plan.data_dir, config.resolution, cfg.crop, int(cfg.min_image_side),
+                                    masks=bool(cfg.masked_loss))
     classes, class_warning = None, None
     if plan.class_dir is not None:
         classes, class_warning = load_class_images(plan.class_dir, config.resolution, int(cfg.num_class_images),
@@ -91,6 +101,8 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     models = build_models(config, plan, accelerator.device, weight_dtype)
     trainable_parameters = count_trainable(models.model)
     sources = describe_sources(instance) + (describe_sources(classes) if classes else [])
+    if cfg.validation_steps and accelerator.is_main_process and score_fn is None:
+        score_fn = MetricScorer(config, cfg.validation_face_backend, str(accelerator.device))
 
     # the first write: the output folder and train_config.json
     if resume and plan.resume_from is None:
@@ -118,18 +130,22 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     unwrapped: JointNoisePredictor = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     checkpoint_state = {"recipe": plan.recipe(), "images": [s["sha256"] for s in sources]}
+    selection = Selection(plan.out_dir, cfg.selection, cfg.objective)
     start_step = 0
     if plan.resume_from is not None:
-        start_step = _resume(plan, unwrapped, optimizer, scheduler, accelerator.scaler, checkpoint_state)
+        start_step, saved = _resume(plan, unwrapped, optimizer, scheduler, accelerator.scaler, checkpoint_state)
         if start_step == cfg.train_step and plan.finished:
             log(f"{plan.out_dir} is already trained to step {start_step}: nothing to do")
             return None
+        if accelerator.is_main_process:
+            selection.restore(saved.get("selection"), start_step)
         log(f"resuming from {plan.resume_from} (step {start_step})")
 
     # the steps
     run_log = RunLog(plan.out_dir, accelerator.is_main_process, start_step)
     batches = BatchMaker(data, cfg, models.autoencoder, seed, accelerator.process_index)
-    validation = Validation(config, plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator)
+    validation = Validation(config, plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator,
+                            score_fn, selection)
     try:
         if start_step == 0:
             validation(0)
@@ -154,33 +170,41 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 if not math.isfinite(logs["loss"]):
                     raise _diverged(plan, step, f"the loss became {logs['loss']}")
+            validate_now = step == cfg.train_step or (cfg.validation_steps and step % cfg.validation_steps == 0)
             checkpoint_now = step % cfg.checkpointing_steps == 0 or (step == cfg.train_step and cfg.keep_checkpoints)
-            if (checkpoint_now or step == cfg.train_step) and not all(bool(torch.isfinite(p).all()) for p in params):
+            if (checkpoint_now or validate_now) and not all(bool(torch.isfinite(p).all()) for p in params):
                 raise _diverged(plan, step, "the trained weights hold NaN or inf values")
+            # validated before the checkpoint of the same step, so a checkpoint holds its step's scores
+            if validate_now:
+                validation(step)
             if accelerator.is_main_process and checkpoint_now:
                 save_checkpoint(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
-                                checkpoint_state, int(cfg.checkpoints_total_limit))
-            if step != cfg.train_step and cfg.validation_steps and step % cfg.validation_steps == 0:
-                validation(step)
+                                {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
+                selection.prune()
             if on_step is not None:
                 on_step(step, logs)
         bar.close()
-        validation(int(cfg.train_step))
     finally:
         run_log.close()
 
-    # the result: the personalization folder sample.py reads
+    # the result: the chosen step's adapters as the personalization folder sample.py reads
     files: list[Path] = []
+    record: dict[str, Any] = {}
     if accelerator.is_main_process:
-        meta = personalization_meta(config, plan, models, trainable_parameters, data.warnings)
+        record = selection.finish(unwrapped, int(cfg.train_step), keep_pinned=bool(cfg.keep_checkpoints))
+        meta = personalization_meta(config, plan, models, trainable_parameters, data.warnings, record)
         files = save_personalization(plan.out_dir, meta, unwrapped.nnet, unwrapped.text_encoder)
         if not cfg.keep_checkpoints:
             remove_checkpoints(plan.out_dir)
+        if cfg.validation_steps:
+            plot_curves(run_log.path, plan.out_dir / VALIDATION_DIR / CURVES_FILE, record["chosen_step"],
+                        record["objective_used"])
         size = sum(f.stat().st_size for f in files) / 2**20
-        log(f"wrote {plan.out_dir}: {', '.join(f.name for f in files)} ({size:.1f} MiB); "
-            f"{trainable_parameters:,} trained parameters; {time.perf_counter() - started:.0f}s")
+        log(f"wrote {plan.out_dir}: {', '.join(f.name for f in files)} ({size:.1f} MiB), the adapters of step "
+            f"{record['chosen_step']} ({record['reason']}); {trainable_parameters:,} trained parameters; "
+            f"{time.perf_counter() - started:.0f}s")
     accelerator.wait_for_everyone()
-    return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files)
+    return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files, record)
 
 
 def _diverged(plan: Plan, step: int, what: str) -> TrainingError:
@@ -193,9 +217,9 @@ def _diverged(plan: Plan, step: int, what: str) -> TrainingError:
 
 
 def _resume(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-            checkpoint_state: dict[str, Any]) -> int:
-    """Load the checkpoint if it was made with the same recipe and images; returns its step. The recipe is
-    compared before any tensor is loaded, so a changed setting is named instead of failing on a shape."""
+            checkpoint_state: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Load the checkpoint if it was made with the same recipe and images; returns its step and state. The
+    recipe is compared before any tensor is loaded, so a changed setting is named instead of failing on a shape."""
     saved = read_checkpoint_state(plan.resume_from)
     changed = recipe_differences(saved.get("recipe", {}), checkpoint_state["recipe"])
     if changed:
@@ -208,4 +232,4 @@ def _resume(plan: Plan, model: nn.Module, optimizer: torch.optim.Optimizer, sche
     step = int(saved["step"])
     if step > plan.train.train_step:
         raise TrainingError(f"{plan.resume_from} is at step {step}, beyond --train_step {plan.train.train_step}")
-    return step
+    return step, saved

@@ -20,10 +20,13 @@ from libs.prompts import fill_prompt
 from libs.subjects import class_word_from_path
 from libs.train.checkpoints import CHECKPOINT_DIR, CHECKPOINT_STATE, list_checkpoints
 from libs.train.images import CROP_MODES
+from libs.train.metrics import FACE_BACKEND_CHOICES
 from libs.train.optim import SCHEDULERS
+from libs.train.selection import SELECTION_MODES, Objective, SelectionError
 
 # the keys with a fixed set of values, each from the module that implements them
-CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES}
+CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES,
+           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES}
 
 
 class TrainingError(UserError):
@@ -71,6 +74,10 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     problems = range_problems(config, ["seed", "resolution", *(f"train.{key}" for key in cfg)])
     if problems:
         raise TrainingError("; ".join(problems))
+    try:
+        Objective.parse(cfg.objective)
+    except SelectionError as error:
+        raise TrainingError(str(error)) from error
     if cfg.with_prior_preservation and (cfg.class_batch_size < 1 or cfg.num_class_images < 1):
         raise TrainingError("prior preservation needs class_batch_size >= 1 and num_class_images >= 1")
     latent_shape(config)  # the resolution must fit the VAE and the patch size

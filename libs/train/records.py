@@ -5,6 +5,9 @@ TensorBoard logs, the start-of-run summary and the personalization's meta record
     <out>/logs/train_log.jsonl       one line per logged step (loss terms, learning rates, eval losses)
     <out>/logs/tensorboard/          the same scalars and the validation grids, when tensorboard is installed
     <out>/validation/step-*.jpg      the validation grids
+    <out>/validation/step-*/         the validation images in the competition layout (libs/train/metrics.py)
+    <out>/validation/prompts/        their prompt files; validation/curves.png: the scores against the step
+    <out>/candidates/                the best validated step's tensors until the run ends (libs/train/selection.py)
 """
 from __future__ import annotations
 
@@ -28,9 +31,12 @@ from libs import personalization
 from libs.checkpoint import atomic_path, file_sha256, save_json
 from libs.config import REPO_ROOT
 from libs.train.checkpoints import remove_checkpoints
+from libs.train.curves import CURVES_FILE
 from libs.train.images import TrainImage
+from libs.train.metrics import PROMPTS_DIR
 from libs.train.model import Models
 from libs.train.plan import Plan
+from libs.train.selection import CANDIDATE_DIR
 
 RUN_FILE = "train_config.json"
 LOG_DIR = "logs"
@@ -49,8 +55,13 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
         (out / LOG_DIR / LOG_FILE).unlink(missing_ok=True)
         shutil.rmtree(out / LOG_DIR / TENSORBOARD_DIR, ignore_errors=True)
-        for old in (out / VALIDATION_DIR).glob("step-*.jpg"):
-            old.unlink()
+        validation = out / VALIDATION_DIR
+        for old in [*validation.glob("step-*"), validation / PROMPTS_DIR, out / CANDIDATE_DIR]:
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        (validation / CURVES_FILE).unlink(missing_ok=True)
         remove_checkpoints(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -178,12 +189,39 @@ def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainIma
                  f"({cfg.batch_size}{f' + {cfg.class_batch_size}' if classes else ''}) x "
                  f"{accelerator.num_processes} process(es); {accelerator.mixed_precision} on {accelerator.device}; "
                  f"images encoded in {seconds:.1f}s")
+    lines.append(f"loss: {loss_summary(cfg, instance, plan.data_dir)}")
+    if cfg.validation_steps:
+        images = (len(cfg.validation_sim_prompts) + len(cfg.validation_edit_prompts)) * cfg.validation_images
+        lines.append(f"validation: {images} images ({len(cfg.validation_sim_prompts)} sim + "
+                     f"{len(cfg.validation_edit_prompts)} edit prompts x {cfg.validation_images}, "
+                     f"{cfg.validation_sample_steps} solver steps) every {cfg.validation_steps} steps and "
+                     f"at the last, scored against the photos in {plan.data_dir}; adapters written: "
+                     + (f"the best step by {cfg.objective}" if cfg.selection == "best" else "the last step's"))
+    else:
+        lines.append("validation: fixed-noise loss only (validation_steps 0); adapters written: the last step's")
     return "\n".join(lines)
 
 
+def loss_summary(cfg: ml_collections.ConfigDict, instance: list[TrainImage], data_dir: Path) -> str:
+    """The loss switches in words, and which photos the masked loss reaches."""
+    parts = ["plain MSE"]
+    if cfg.masked_loss:
+        masked = sum(image.mask is not None for image in instance)
+        if masked == 0:
+            parts = [f"masked loss on, but no person masks in {data_dir} (no crops.json with masks: run "
+                     "tools/crop.py with background removal): plain MSE for every photo"]
+        else:
+            parts = [f"person-mask-weighted MSE for {masked} of {len(instance)} photos (background weight "
+                     f"{cfg.mask_background_weight})" + (", plain MSE for the others" if masked < len(instance) else "")]
+    if cfg.min_snr_gamma > 0:
+        parts.append(f"min-SNR weights, gamma {cfg.min_snr_gamma}")
+    return "; ".join(parts)
+
+
 def personalization_meta(config: ml_collections.ConfigDict, plan: Plan, models: Models, trainable: int,
-                         warnings: list[str]) -> dict[str, Any]:
-    """personalization.json's record of what was trained (sample.py rebuilds the adapters from it)."""
+                         warnings: list[str], selection: dict[str, Any]) -> dict[str, Any]:
+    """personalization.json's record of what was trained (sample.py rebuilds the adapters from it): `steps`
+    is the chosen step (the adapters' optimizer steps), `selection` how it was chosen and every step's scores."""
     cfg = config.train
     nnet_path = Path(config.paths.nnet)
     meta = {
@@ -197,7 +235,9 @@ def personalization_meta(config: ml_collections.ConfigDict, plan: Plan, models: 
         "uvit_lora_targets": list(cfg.lora_targets),
         "base_checkpoint": {"file": nnet_path.name, "sha256": cached_sha256(nnet_path)},
         "trainable_parameters": trainable,
-        "steps": int(cfg.train_step),
+        "steps": int(selection["chosen_step"]),
+        "trained_steps": int(cfg.train_step),
+        "selection": selection,
         "recipe": plan.recipe(),
         "warnings": warnings,
     }

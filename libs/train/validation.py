@@ -1,35 +1,48 @@
-"""Progress checks during training (main process only): the fixed-noise loss on the photos, a smooth
-signal where the training loss jumps with its random timesteps, and fixed-seed images for a few
-prompts, sampled from the models being trained with the sampler sample.py uses."""
+"""Progress checks during training (main process only).
+
+Every validation (step 0, every `validation_steps`, the last step): the fixed-noise loss on the photos (a
+smooth signal where the training loss jumps with its random timesteps). With `validation_steps`, after
+step 0 (the base model is no candidate and costs a render), also the competition metric (libs/train/metrics.py):
+the validation set rendered in batches with the sampler sample.py uses (fewer solver steps:
+`validation_sample_steps`), written in the competition's layout, scored, logged (JSONL + TensorBoard),
+drawn as a grid per step and handed to the best-step selection (libs/train/selection.py). The curves
+(libs/train/curves.py) are drawn once, at the end of the run, from the log.
+"""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import ml_collections
 import torch
+from PIL import Image
 from torch import nn
 
-from libs.checkpoint import atomic_path
 from libs.diffusion import alphas_cumprod, keyed_generator
 from libs.grids import image_grid
+from libs.photos import open_image
 from libs.precision import autocast
-from libs.prompts import fill_prompt, rewrite_prompt
+from libs.sample_files import save_jpeg
 from libs.sampling import T2IPipeline
+from libs.subjects import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
 from libs.train.encodings import TrainData
+from libs.train.metrics import Rendered, ScoreFn, ValidationSet
 from libs.train.model import JointNoisePredictor
 from libs.train.plan import Plan
 from libs.train.records import VALIDATION_DIR, RunLog
+from libs.train.selection import Selection
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # the fixed-noise loss: one pass per timestep over the photos
+GRID_CELL = 256
 
 
 @torch.no_grad()
 def fixed_noise_loss(model: JointNoisePredictor, data: TrainData, autoencoder: nn.Module, seed: int,
                      device: torch.device, batch_size: int) -> dict[str, float]:
     """Instance-photo losses at fixed timesteps and fixed noise: a smooth progress signal (the training
-    loss jumps with the random timesteps)."""
+    loss jumps with the random timesteps). Plain MSE: no mask, no min-SNR weights, so recipes compare."""
     was_training = model.training
     model.eval()
     source = data.instance
@@ -65,50 +78,87 @@ class TrainingPipeline(T2IPipeline):
 
 
 class Validation:
-    """Fixed-noise loss on the photos and fixed-seed images for a few prompts (main process only)."""
+    """Called at step 0, every `validation_steps` and at the last step (main process works, the others wait)."""
 
     def __init__(self, config: ml_collections.ConfigDict, plan: Plan, model: JointNoisePredictor,
-                 autoencoder: nn.Module, weight_dtype: torch.dtype, data: TrainData, run_log: RunLog, accelerator: Any):
+                 autoencoder: nn.Module, weight_dtype: torch.dtype, data: TrainData, run_log: RunLog, accelerator: Any,
+                 score_fn: ScoreFn | None, selection: Selection):
         self.config, self.plan, self.model, self.autoencoder = config, plan, model, autoencoder
         self.weight_dtype = weight_dtype
         self.data, self.run_log, self.accelerator = data, run_log, accelerator
-        cfg = config.train
-        self.prompts = [rewrite_prompt(fill_prompt(p, None, plan.class_word), plan.token, [plan.class_word])
-                        for p in cfg.validation_prompts] if cfg.validation_steps else []
-        self.seeds = [int(config.seed) + i for i in range(len(self.prompts))]
+        self.score_fn, self.selection = score_fn, selection
+        self.metric = bool(config.train.validation_steps) and score_fn is not None
+        self.validation_set = ValidationSet.from_config(config, plan.data_dir.name, plan.token, plan.class_word)
+        self.folder = plan.out_dir / VALIDATION_DIR
         self._pipeline: T2IPipeline | None = None
 
     def __call__(self, step: int) -> None:
         accelerator = self.accelerator
         if accelerator.is_main_process:
             with autocast(accelerator.device, self.weight_dtype):
-                losses = fixed_noise_loss(self.model, self.data, self.autoencoder, int(self.config.seed),
-                                          accelerator.device, int(self.config.train.encode_batch_size))
-            self.run_log.write(step, losses)
-            accelerator.print(f"step {step}: fixed-noise loss {losses['eval_loss_instance']:.4f} (instance image), "
-                              f"{losses['eval_loss_clip_img']:.4f} (clip_img)")
-            if self.prompts:
-                self._images(step)
+                record: dict[str, Any] = fixed_noise_loss(self.model, self.data, self.autoencoder, int(self.config.seed),
+                                                          accelerator.device, int(self.config.train.encode_batch_size))
+            line = (f"step {step}: fixed-noise loss {record['eval_loss_instance']:.4f} (instance image), "
+                    f"{record['eval_loss_clip_img']:.4f} (clip_img)")
+            if self.metric and step > 0:
+                record.update(self._judge(step))
+                line += (f"; sim face {record['sim_face']:.3f} CLIP-I {record['sim_clip_img']:.3f} | edit face "
+                         f"{record['edit_face']:.3f} CLIP-I {record['edit_clip_img']:.3f} CLIP-T "
+                         f"{record['edit_clip_text']:.3f} | objective {record['objective']:.4f}"
+                         f"{' (best so far)' if self.selection.best == step else ''}")
+            self.run_log.write(step, record)
+            accelerator.print(line)
         accelerator.wait_for_everyone()
 
-    def _images(self, step: int) -> None:
+    def _judge(self, step: int) -> dict[str, Any]:
+        """Render, write and score the validation set; tell the selection. Returns the log entries."""
+        started = time.perf_counter()
+        rendered = self.render(step)
+        rendered_at = time.perf_counter()
+        scores = self.score_fn(rendered)
+        objective = self.selection.record(step, scores.values, scores.face_backend, scores.face_usable)
+        self.selection.offer(step, self.model)
+        return {**scores.values, "objective": objective, "face_backend": scores.face_backend,
+                "validation_render_s": round(rendered_at - started, 3),
+                "validation_score_s": round(time.perf_counter() - rendered_at, 3)}
+
+    def render(self, step: int) -> Rendered:
+        """The validation set's images at this step, written as `validation/step-<step>/<name>_<split>/*.jpg`
+        (and a grid `validation/step-<step>.jpg`), returned as decoded from the files."""
+        vset, cfg = self.validation_set, self.config.train
+        items = vset.items()
         model = self.model
         was_training = model.training
         model.eval()
+        images: list[Image.Image] = []
         with autocast(self.accelerator.device, self.weight_dtype):
-            if self._pipeline is None:
-                with torch.no_grad():
-                    empty = model.encode_text(model.text_encoder.tokenize([""]).to(self.accelerator.device))[0]
-                self._pipeline = TrainingPipeline(
-                    config=self.config, nnet=model.nnet, autoencoder=self.autoencoder, text_encoder=model.text_encoder,
-                    caption_decoder=model.caption_prefix, device=self.accelerator.device, personalization=None,
-                    finetuned_parameters=None, empty_text=empty, weight_dtype=self.weight_dtype)
-            images = self._pipeline.generate_images(self.prompts, self.seeds)
+            pipeline = self._pipeline or self._build_pipeline()
+            size = int(cfg.validation_batch_size)
+            for start in range(0, len(items), size):
+                chunk = items[start:start + size]
+                images += pipeline.generate([item.sampled for item in chunk], [vset.generator(item) for item in chunk],
+                                            steps=int(cfg.validation_sample_steps))
         model.train(was_training)
-        grid = image_grid([images], cell=256)
-        path = self.plan.out_dir / VALIDATION_DIR / f"step-{step:06d}.jpg"
-        with atomic_path(path) as tmp:
-            grid.save(tmp, format="JPEG", quality=90)
+        vset.write_prompt_files(self.folder)
+        step_dir = self.folder / f"step-{step:06d}"
+        decoded: dict[str, list[list[Image.Image]]] = {
+            split: [[] for _ in vset.prompts[split]] for split in ADVANCED_SPLITS}
+        for item, image in zip(items, images):
+            path = vset.image_path(step_dir, item)
+            save_jpeg(image, path)
+            decoded[item.split][item.index].append(open_image(path))
+        rows = [[image for prompt in decoded[split] for image in prompt] for split in ADVANCED_SPLITS]
+        grid = image_grid(rows, cell=GRID_CELL, labels=list(ADVANCED_SPLITS))
+        save_jpeg(grid, self.folder / f"step-{step:06d}.jpg")
         self.run_log.image("validation", grid, step)
-        if step == 0:
-            self.run_log.write(step, {"validation_prompts": self.prompts, "validation_seeds": self.seeds})
+        return Rendered(step, self.plan.data_dir, step_dir, vset, decoded)
+
+    def _build_pipeline(self) -> T2IPipeline:
+        model = self.model
+        with torch.no_grad():
+            empty = model.encode_text(model.text_encoder.tokenize([""]).to(self.accelerator.device))[0]
+        self._pipeline = TrainingPipeline(
+            config=self.config, nnet=model.nnet, autoencoder=self.autoencoder, text_encoder=model.text_encoder,
+            caption_decoder=model.caption_prefix, device=self.accelerator.device, personalization=None,
+            finetuned_parameters=None, empty_text=empty, weight_dtype=self.weight_dtype)
+        return self._pipeline

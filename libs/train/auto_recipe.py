@@ -1,0 +1,231 @@
+"""`--auto_recipe`: a small search over documented recipes for one subject, within a budget of optimizer steps.
+
+Each recipe in `auto_recipes` (RECIPES, in that order) changes a few keys of the config given; each is
+trained and validated as a normal run (its best step chosen by `objective`) and scored as
+
+    score = best objective - auto_param_penalty x changed parameters / 1e6
+
+(the competition also ranks the changed-parameter count, spec §7; within one run it is fixed, across
+recipes it differs). The highest score wins. A recipe that changes nothing (the config already has its
+settings) is left out as a duplicate; one whose steps no longer fit into `auto_budget` (the optimizer
+steps of all recipes run) is skipped and the next ones are tried.
+
+    <out>/auto_recipe/<recipe>/   each recipe's own training folder (train.py's layout; a loser keeps its
+                                  personalization.json record, logs and validation, not its adapters)
+    <out>/auto_recipe/table.csv   one row per recipe: changes, steps, best step, scores, parameters, score
+    <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
+
+Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
+continues from its last checkpoint. One scorer (face model + CLIP) serves every recipe.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+
+from libs.checkpoint import CheckpointError, atomic_path, save_json
+from libs.personalization import META_FILE, check_restore_path
+from libs.train.loop import StepCallback, train
+from libs.train.metrics import MetricScorer, ScoreFn
+from libs.train.plan import TrainingError, make_plan
+from libs.train.records import OUTPUT_FILES, RUN_FILE, prepare_output
+from libs.train.selection import METRICS
+
+AUTO_DIR = "auto_recipe"
+TABLE_FILE = "table.csv"
+RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    what: str
+    changes: Callable[[ml_collections.ConfigDict], dict[str, Any]]  # config.train -> the keys it sets
+
+
+RECIPES = (
+    Recipe("base", "the config as given", lambda cfg: {}),
+    Recipe("half_rank", "U-ViT LoRA rank and alpha halved: half the changed parameters, the same update scale",
+           lambda cfg: {"rank": max(1, int(cfg.rank) // 2), "alpha": float(cfg.alpha) / 2}),
+    Recipe("double_lr", "both learning rates doubled: the identity comes sooner (the step selection stops "
+           "before editability goes)", lambda cfg: {"lr": 2 * cfg.lr, "text_lr": 2 * cfg.text_lr}),
+    Recipe("identity_levers", "masked loss on the person masks (tools/crop.py) and min-SNR gamma 5",
+           lambda cfg: {"masked_loss": True, "min_snr_gamma": 5.0}),
+    Recipe("text_lora", "a LoRA on the CLIP text encoder besides the token", lambda cfg: {"text_encoder_mode": "lora"}),
+    Recipe("longer", "1.5x the steps: more validated steps for a subject that learns slowly",
+           lambda cfg: {"train_step": round(1.5 * int(cfg.train_step))}),
+)
+RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
+
+
+@dataclass
+class Candidate:
+    recipe: Recipe
+    config: ml_collections.ConfigDict
+    changes: dict[str, Any]
+    folder: Path
+    status: str  # RUN, DUPLICATE or OVER_BUDGET
+
+    @property
+    def steps(self) -> int:
+        return int(self.config.train.train_step)
+
+    @property
+    def finished(self) -> bool:
+        return (self.folder / META_FILE).is_file()
+
+
+def plan_candidates(config: ml_collections.ConfigDict, work: Path) -> list[Candidate]:
+    """The recipes of `auto_recipes` as configs, each with its status under the budget (a pure function of
+    the config, so an interrupted search continues with the same candidates)."""
+    cfg = config.train
+    unknown = [name for name in cfg.auto_recipes if name not in RECIPE_NAMES]
+    if unknown or not cfg.auto_recipes:
+        raise TrainingError(f"auto_recipes {list(cfg.auto_recipes)}: choose one or more of {', '.join(RECIPE_NAMES)}")
+    by_name = {recipe.name: recipe for recipe in RECIPES}
+    candidates: list[Candidate] = []
+    used = 0
+    for name in dict.fromkeys(cfg.auto_recipes):
+        recipe = by_name[name]
+        changes = {k: v for k, v in recipe.changes(cfg).items() if cfg[k] != v}
+        candidate_config = copy.deepcopy(config)
+        candidate_config.train.update(auto_recipe=False, **changes)
+        candidate = Candidate(recipe, candidate_config, changes, work / name, RUN)
+        same = next((c for c in candidates if c.config.train.to_dict() == candidate_config.train.to_dict()), None)
+        if same is not None:
+            candidate.status = f"{DUPLICATE} of {same.recipe.name}"
+        elif used + candidate.steps > int(cfg.auto_budget):
+            candidate.status = OVER_BUDGET
+        else:
+            used += candidate.steps
+        candidates.append(candidate)
+    return candidates
+
+
+def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path,
+                    resume: str | None = None, overwrite: bool = False, mixed_precision: str | None = None,
+                    on_step: StepCallback | None = None, score_fn: ScoreFn | None = None) -> list[dict[str, Any]] | None:
+    """Train the candidates, write the table and the winner into `out_dir`; returns the table's rows (None
+    when `out_dir` already held a finished personalization and `resume` was asked for)."""
+    from accelerate import PartialState
+
+    cfg = config.train
+    if not cfg.validation_steps:
+        raise TrainingError("--auto_recipe compares recipes by their validation scores: validation_steps must be > 0")
+    if resume not in (None, "latest"):
+        raise TrainingError("--auto_recipe continues a search with --resume latest (each recipe from its own checkpoint)")
+    plan = make_plan(config, data_dir, out_dir, resume, overwrite)
+    out, work = plan.out_dir, plan.out_dir / AUTO_DIR
+    candidates = plan_candidates(config, work)
+    if not any(c.status == RUN for c in candidates):
+        raise TrainingError(f"auto_budget {cfg.auto_budget} is smaller than the train_step of every recipe "
+                            f"({', '.join(f'{c.recipe.name} {c.steps}' for c in candidates)}): raise --auto_budget")
+    if resume and plan.finished:
+        print(f"{out} already holds a finished personalization: nothing to resume (pass --overwrite to search again)")
+        return None
+    if not resume and not overwrite and work.is_dir() and any(work.iterdir()):
+        raise TrainingError(f"{out} holds an unfinished recipe search ({work}); pass --resume latest to continue it "
+                            "or --overwrite to start over")
+    state = PartialState()
+    if state.is_main_process:
+        if overwrite:
+            shutil.rmtree(work, ignore_errors=True)
+        prepare_output(out, overwrite)
+        if score_fn is None:
+            score_fn = MetricScorer(config, cfg.validation_face_backend, str(state.device))
+    state.wait_for_everyone()
+
+    todo = [c for c in candidates if c.status == RUN and not c.finished]
+    for number, candidate in enumerate(todo, 1):
+        changed = ", ".join(f"{k}={v}" for k, v in candidate.changes.items()) or "no changes"
+        print(f"=== recipe {candidate.recipe.name} ({number}/{len(todo)} to train): {changed}; {candidate.steps} steps")
+        train(candidate.config, plan.data_dir, candidate.folder, resume="latest" if candidate.folder.exists() else None,
+              mixed_precision=mixed_precision, on_step=on_step, score_fn=score_fn)
+        if state.is_main_process:
+            _drop_losers(candidates, float(cfg.auto_param_penalty))
+    rows = table_rows(candidates, float(cfg.auto_param_penalty))
+    if state.is_main_process:
+        _write_result(out, work, candidates, rows, config)
+    state.wait_for_everyone()
+    return rows
+
+
+def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, Any]]:
+    """One row per candidate; finished ones with their best step, its scores, parameters and score."""
+    rows = []
+    for candidate in candidates:
+        row: dict[str, Any] = {"recipe": candidate.recipe.name, "status": candidate.status,
+                               "changes": json.dumps(candidate.changes), "train_step": candidate.steps}
+        if candidate.status == RUN and candidate.finished:
+            meta = json.loads((candidate.folder / META_FILE).read_text())
+            chosen = meta["selection"]["chosen_step"]
+            scores = meta["selection"]["scores"].get(str(chosen), {})
+            parameters = int(meta["trainable_parameters"])
+            row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")}, parameters=parameters,
+                       penalty=penalty * parameters / 1e6)
+            row["score"] = scores["objective"] - row["penalty"] if "objective" in scores else None
+        rows.append(row)
+    scored = [row for row in rows if row.get("score") is not None]
+    best = max(scored, key=lambda row: row["score"], default=None)
+    for row in rows:
+        row["winner"] = row is best
+    return rows
+
+
+def _drop_losers(candidates: list[Candidate], penalty: float) -> None:
+    """Delete the adapters of every finished recipe but the best so far (their records stay)."""
+    rows = table_rows(candidates, penalty)
+    for candidate, row in zip(candidates, rows):
+        if row.get("score") is not None and not row["winner"]:
+            for name in OUTPUT_FILES:
+                if name not in (META_FILE, RUN_FILE):
+                    (candidate.folder / name).unlink(missing_ok=True)
+
+
+def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list[dict[str, Any]],
+                  config: ml_collections.ConfigDict) -> None:
+    """table.csv, then the winner's files into `out`, personalization.json last (it marks the search finished)."""
+    columns = ["recipe", "status", "changes", "train_step", "best_step", *METRICS, "objective", "parameters",
+               "penalty", "score", "winner"]
+    with atomic_path(work / TABLE_FILE) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    print("\n".join(_table_lines(rows)))
+    winner = next(c for c, row in zip(candidates, rows) if row["winner"])
+    try:
+        check_restore_path(winner.folder)
+    except CheckpointError as error:
+        raise TrainingError(f"recipe {winner.recipe.name} wins now, but its adapters were deleted when it lost under "
+                            "an earlier --auto_param_penalty: keep that penalty, or pass --overwrite to search "
+                            f"again ({error})") from error
+    meta = json.loads((winner.folder / META_FILE).read_text())
+    files = [name for name in OUTPUT_FILES if name != META_FILE and (winner.folder / name).is_file()]
+    for name in files:
+        with atomic_path(out / name) as tmp:
+            shutil.copyfile(winner.folder / name, tmp)
+    meta["auto_recipe"] = {"winner": winner.recipe.name, "budget": int(config.train.auto_budget),
+                           "param_penalty": float(config.train.auto_param_penalty), "table": rows,
+                           "recipes": {c.recipe.name: c.recipe.what for c in candidates}}
+    save_json(meta, out / META_FILE)
+    print(f"auto recipe: {winner.recipe.name} wins; its adapters (step {meta['selection']['chosen_step']}) are in {out}")
+
+
+def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
+    lines = [f"{'recipe':<16} {'status':<22} {'best step':>9} {'sim face':>8} {'edit face':>9} {'CLIP-T':>7} "
+             f"{'objective':>9} {'params':>11} {'score':>8}"]
+    for row in rows:
+        if row.get("score") is None:
+            lines.append(f"{row['recipe']:<16} {row['status']:<22}")
+            continue
+        lines.append(f"{row['recipe']:<16} {row['status']:<22} {row['best_step']:>9} {row['sim_face']:>8.3f} "
+                     f"{row['edit_face']:>9.3f} {row['edit_clip_text']:>7.3f} {row['objective']:>9.4f} "
+                     f"{row['parameters']:>11,} {row['score']:>8.4f}" + ("  <- winner" if row["winner"] else ""))
+    return lines

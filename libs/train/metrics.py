@@ -1,0 +1,186 @@
+"""The competition metric during training: a fixed validation set shaped like the advanced split, and the
+scorer that judges its images with exactly the code score.py runs.
+
+The set: `validation_sim_prompts` and `validation_edit_prompts` (written with {class_word}; the token
+is put before the class word for sampling, as sample.py does, and CLIP-T is scored against the prompt
+without it, as the competition scores its JSON prompts), `validation_images` images each, every image
+from its own fixed generator keyed by (seed, split, prompt, image): a step's images differ from another
+step's only by what training changed.
+
+The references are the subject's photos in `-d` (the competition scores against train_data/<name>;
+when `-d` holds the crops, CLIP-I is measured against the crops). A validated step's images are written
+in the competition's layout, `validation/step-000100/<name>_sim/{i}-{idx:03}.jpg` (JPEG quality 95, as
+sample.py), and scored as decoded from those files, so
+
+    python score.py --dataset <parent of -d> --prompts <out>/validation/prompts \
+        --outputs <out>/validation/step-000100 --tasks <name> --face_backend <the run's>
+
+gives the logged numbers when `validation_images` is 3 (score.py reads three images per prompt).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import ml_collections
+import numpy as np
+import torch
+from PIL import Image
+
+from libs.checkpoint import save_json
+from libs.diffusion import keyed_generator
+from libs.errors import UserError
+from libs.face import FaceBackend, DetectedFace, get_face_backend
+from libs.prompts import fill_prompt, image_name, rewrite_prompt
+from libs.score_results import ADVANCED, ScoreResult, TaskResult
+from libs.subjects import ADVANCED_SPLITS
+
+FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
+PROMPTS_DIR = "prompts"
+STREAM_VALIDATION = 6  # after libs/train/batches.py's streams: the validation images' generators
+
+
+@dataclass(frozen=True)
+class ValidationImage:
+    """One image of the set: its split, prompt index and sample index, the prompt scored and the one sampled."""
+
+    split: str
+    index: int
+    idx: int
+    prompt: str
+    sampled: str
+
+
+@dataclass
+class ValidationSet:
+    """The prompts of each split (as scored) and how many images each; `task` names the subject."""
+
+    task: str
+    prompts: dict[str, list[str]]
+    token: str | None
+    class_word: str
+    images_per_prompt: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict, task: str, token: str | None,
+                    class_word: str) -> ValidationSet:
+        cfg = config.train
+        templates = {"sim": cfg.validation_sim_prompts, "edit": cfg.validation_edit_prompts}
+        prompts = {split: [fill_prompt(p, None, class_word) for p in templates[split]] for split in ADVANCED_SPLITS}
+        return cls(task, prompts, token, class_word, int(cfg.validation_images), int(config.seed))
+
+    def task_name(self, split: str) -> str:
+        return f"{self.task}_{split}"
+
+    def items(self) -> list[ValidationImage]:
+        return [ValidationImage(split, index, idx, prompt, rewrite_prompt(prompt, self.token, [self.class_word]))
+                for split in ADVANCED_SPLITS for index, prompt in enumerate(self.prompts[split])
+                for idx in range(self.images_per_prompt)]
+
+    def generator(self, item: ValidationImage) -> torch.Generator:
+        return keyed_generator(self.seed, STREAM_VALIDATION, ADVANCED_SPLITS.index(item.split), item.index, item.idx)
+
+    def image_path(self, step_dir: Path, item: ValidationImage) -> Path:
+        return step_dir / self.task_name(item.split) / image_name(item.index, item.idx)
+
+    def write_prompt_files(self, validation_dir: Path) -> Path:
+        """`prompts/<name>_sim.json` and `<name>_edit.json`: score.py's --prompts for the saved images."""
+        folder = validation_dir / PROMPTS_DIR
+        for split in ADVANCED_SPLITS:
+            save_json(self.prompts[split], folder / f"{self.task_name(split)}.json")
+        return folder
+
+
+@dataclass
+class Rendered:
+    """One validated step's images, as decoded from the files written under `folder`."""
+
+    step: int
+    ref_dir: Path
+    folder: Path
+    validation_set: ValidationSet
+    images: dict[str, list[list[Image.Image]]]  # split -> prompt -> images
+
+
+@dataclass
+class ValidationScores:
+    """The five advanced numbers of one step and how face identity was measured."""
+
+    values: dict[str, float]  # sim_face, sim_clip_img, edit_face, edit_clip_img, edit_clip_text
+    face_backend: str
+    face_usable: bool  # False: no face model, or no face in any reference photo (face terms are all 0)
+    result: ScoreResult | None = None
+
+
+ScoreFn = Callable[[Rendered], ValidationScores]
+"""Scores a validated step; `train(score_fn=...)` takes any (MetricScorer is the default)."""
+
+
+class NoFaceBackend(FaceBackend):
+    """No usable face model: finds no face, so every face score is 0 (selection then uses CLIP-I instead)."""
+
+    name = "none"
+    comparable_with_competition = False
+    min_score = 0.0
+
+    def detect(self, image: np.ndarray) -> list[DetectedFace]:
+        return []
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> float:
+        return 0.0
+
+
+def validation_face_backend(name: str) -> FaceBackend:
+    """The backend validation scores faces with: insightface (buffalo_l) when installed, else dlib (libs.face
+    says which, once); "auto" with neither usable falls back to none and says so."""
+    if name == "none":
+        return NoFaceBackend()
+    if name != "auto":
+        return get_face_backend(name)
+    try:
+        return get_face_backend("auto")
+    except (UserError, ImportError, OSError, RuntimeError) as error:
+        print(f"validation: no face model usable ({str(error).splitlines()[0]}); face scores are 0 and the "
+              "best step is chosen by CLIP image/text similarity")
+        return NoFaceBackend()
+
+
+class MetricScorer:
+    """libs.scoring's Scorer (face backend + CLIP ViT-B/32, loaded once, references cached per folder)
+    applied to a validated step, aggregated as score.py aggregates the advanced split."""
+
+    def __init__(self, config: ml_collections.ConfigDict, face_backend: str = "auto", device: str = "cpu"):
+        from libs.scoring import Scorer  # here: libs.train.plan imports this module for its choices only
+
+        self.scorer = Scorer(validation_face_backend(face_backend), config=config, device=str(device),
+                             progress=False)
+        self._warned: set[str] = set()
+
+    @property
+    def face_backend(self) -> str:
+        return self.scorer.face.name
+
+    def __call__(self, rendered: Rendered) -> ValidationScores:
+        from libs.scoring import ScoringWarning
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ScoringWarning)  # said once below, not at every step
+            references = self.scorer.references(rendered.ref_dir).references
+        usable = self.face_backend != NoFaceBackend.name and any(ref.face_found for ref in references)
+        if not usable and str(rendered.ref_dir) not in self._warned:
+            self._warned.add(str(rendered.ref_dir))
+            if self.face_backend != NoFaceBackend.name:
+                print(f"validation: no face found by {self.face_backend} in any photo of {rendered.ref_dir}: "
+                      "face scores are 0 and the best step is chosen by CLIP image/text similarity")
+        vset = rendered.validation_set
+        result = ScoreResult(ADVANCED, self.face_backend, self.scorer.face.comparable_with_competition)
+        for split in ADVANCED_SPLITS:
+            name = vset.task_name(split)
+            prompts = [self.scorer.score_images(rendered.ref_dir, prompt, rendered.images[split][index], index)
+                       for index, prompt in enumerate(vset.prompts[split])]
+            result.tasks[name] = TaskResult(name, str(rendered.ref_dir), str(rendered.folder / name), references,
+                                            prompts)
+        return ValidationScores(dict(result.advanced), self.face_backend, usable, result)

@@ -1,0 +1,156 @@
+"""--auto_recipe on the tiny world: every candidate within the budget trained and validated, the table, the winner
+by objective minus the parameter penalty copied to -o, and a search interrupted between candidates resumed
+without training the finished ones again."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train as train_script
+from entrypoints import run_entry
+from libs.config import REPO_ROOT
+from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
+from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
+from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE, plan_candidates
+
+# the objective (sim_face here) of each recipe's validated steps
+CURVES = {"base": {1: 0.50, 2: 0.60}, "half_rank": {1: 0.58, 2: 0.55}, "double_lr": {1: 0.62, 2: 0.40}}
+PARAMETERS = {"base": 10_624, "half_rank": 5_328, "double_lr": 10_624}  # rank 4 / rank 2 U-ViT LoRA + the token row
+PENALTY = 10.0  # per million parameters: base 0.106, half_rank 0.053, double_lr 0.106
+
+
+class RecipeCurves:
+    """An injected scorer: a known objective per (recipe, step); remembers its calls; can interrupt."""
+
+    def __init__(self, stop_at: str | None = None):
+        self.calls: list[tuple[str, int]] = []
+        self.stop_at = stop_at
+
+    def __call__(self, rendered: Rendered) -> ValidationScores:
+        recipe = rendered.folder.parent.parent.name
+        if recipe == self.stop_at:
+            raise KeyboardInterrupt
+        self.calls.append((recipe, rendered.step))
+        values = {metric: 0.0 for metric in METRICS}
+        values["sim_face"] = CURVES[recipe][rendered.step]
+        return ValidationScores(values, "test", True)
+
+
+@pytest.fixture()
+def photos(tmp_path, public_photos) -> Path:
+    folder = tmp_path / "train_data" / "girl1"
+    folder.mkdir(parents=True)
+    public_photos["grace_hopper"].save(folder / "hopper.jpg", quality=95)
+    return folder
+
+
+def auto_config(config):
+    config.train.update(with_prior_preservation=False, train_step=2, validation_steps=1, auto_recipe=True,
+                        auto_recipes=("base", "half_rank", "double_lr", "longer", "identity_levers"), auto_budget=6,
+                        auto_param_penalty=PENALTY)
+    return config
+
+
+def test_candidates_follow_the_documented_recipes_and_the_budget(tiny_config, tmp_path):
+    config = auto_config(tiny_config)
+    config.train.update(auto_recipes=("base", "half_rank", "longer", "double_lr"), auto_budget=5)
+    candidates = {c.recipe.name: c for c in plan_candidates(config, tmp_path)}
+    assert candidates["half_rank"].changes == {"rank": 2, "alpha": 2.0}
+    assert candidates["longer"].changes == {"train_step": 3} and candidates["longer"].status == "over budget"
+    assert candidates["double_lr"].status == "over budget"  # 2 + 2 used, 2 more would pass 5
+    assert all(not c.config.train.auto_recipe for c in candidates.values())
+    config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
+    assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
+
+
+def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(tiny_config, photos, tmp_path):
+    out = tmp_path / "model_output" / "girl1"
+    first = RecipeCurves(stop_at="double_lr")
+    with pytest.raises(KeyboardInterrupt):  # between candidates: base and half_rank are finished
+        run_auto_recipe(auto_config(tiny_config), photos, out, score_fn=first)
+    assert sorted(set(recipe for recipe, _ in first.calls)) == ["base", "half_rank"]
+    work = out / AUTO_DIR
+    finished = {name: (work / name / META_FILE).stat().st_mtime_ns for name in ("base", "half_rank")}
+    assert not (out / META_FILE).exists()
+
+    assert main_exit(tiny_config, photos, out) == 2  # an unfinished search is not restarted by accident
+
+    second = RecipeCurves()
+    rows = run_auto_recipe(auto_config(tiny_config), photos, out, resume="latest", score_fn=second)
+    assert [recipe for recipe, _ in second.calls] == ["double_lr"] * 2  # finished recipes were not trained again
+    assert {name: (work / name / META_FILE).stat().st_mtime_ns for name in finished} == finished
+
+    by_recipe = {row["recipe"]: row for row in rows}
+    assert by_recipe["longer"]["status"] == "over budget" and by_recipe["identity_levers"]["status"] == "over budget"
+    for name, curve in CURVES.items():
+        row = by_recipe[name]
+        best_step = max(curve, key=curve.get)
+        assert (row["best_step"], row["objective"], row["parameters"]) == (best_step, curve[best_step], PARAMETERS[name])
+        assert row["score"] == pytest.approx(curve[best_step] - PENALTY * PARAMETERS[name] / 1e6)
+    # without the penalty double_lr (0.62) would win; with it half_rank does (0.58 - 0.053 > 0.62 - 0.106)
+    assert [row["recipe"] for row in rows if row["winner"]] == ["half_rank"]
+    with open(work / TABLE_FILE, newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [row["recipe"] for row in table] == ["base", "half_rank", "double_lr", "longer", "identity_levers"]
+    assert [row["winner"] for row in table] == ["False", "True", "False", "False", "False"]
+
+    for name in (UVIT_LORA_FILE, TOKEN_FILE):
+        assert (out / name).read_bytes() == (work / "half_rank" / name).read_bytes()
+        assert not (work / "base" / name).exists() and not (work / "double_lr" / name).exists()  # losers' adapters go
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["auto_recipe"]["winner"] == "half_rank" and meta["uvit_lora"]["r"] == 2
+    assert meta["selection"]["chosen_step"] == 1 and len(meta["auto_recipe"]["table"]) == 5
+
+    assert run_auto_recipe(auto_config(tiny_config), photos, out, resume="latest", score_fn=RecipeCurves()) is None
+
+
+def test_auto_recipe_needs_validation_and_a_budget(tiny_config, photos, tmp_path):
+    config = auto_config(tiny_config)
+    config.train.validation_steps = 0
+    with pytest.raises(TrainingError, match="validation_steps must be > 0"):
+        run_auto_recipe(config, photos, tmp_path / "out")
+    config.train.update(validation_steps=1, auto_budget=1)
+    with pytest.raises(TrainingError, match="raise --auto_budget"):
+        run_auto_recipe(config, photos, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def main_exit(config, photos: Path, out: Path) -> int:
+    config_file = out.parent / "config.py"
+    config_file.write_text("from libs.config import load_config\n\n\ndef get_config():\n"
+                           "    config = load_config('tiny')\n"
+                           f"    config.paths.update({config.paths.to_dict()!r})\n    return config\n")
+    return run_entry(train_script, ["--config", config_file, "-d", photos, "-o", out, "--auto_recipe",
+                                    "--no_prior_preservation", "--train_step", "2", "--validation_steps", "1",
+                                    "--auto_budget", "6"])
+
+
+@pytest.mark.slow
+def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file, public_photos):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("libs", "configs"):
+        (repo / name).symlink_to(REPO_ROOT / name)
+    for name in ("train.py", "train.sh"):
+        (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
+    (repo / "train.sh").chmod(0o755)
+    for name in ("boy1", "boy2", "girl1", "girl2"):
+        (repo / "train_data" / name).mkdir(parents=True)
+        public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+    command = [str(repo / "train.sh"), "--config", str(tiny_config_file), "--auto_recipe", "--auto_recipes", "base",
+               "half_rank", "--train_step", "1", "--validation_steps", "1", "--validation_face_backend", "none"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("boy1", "boy2", "girl1", "girl2"):
+        meta = json.loads((repo / "model_output" / name / META_FILE).read_text())
+        assert meta["auto_recipe"]["winner"] in ("base", "half_rank")
+        assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("nothing to resume") == 4
