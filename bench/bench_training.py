@@ -13,7 +13,13 @@ Modes
                  make_optimizer): cached encodings, the config's rank, frozen weights in the mixed-
                  precision dtype (fp16 on CUDA, as `accelerate launch --mixed_precision fp16`; fp32 on CPU)
   ablations      default with one change: no_cache, checkpointing (gradient checkpointing), bf16, fp16,
-                 fp32, compile (torch.compile of the U-ViT, as --compile; compilation shows in warmup_times_s)
+                 fp32, no_lora_dropout (the LoRA inputs' dropout off: what it costs), foreach_adamw (AdamW
+                 as a chain of multi-tensor ops; default: fused on CUDA), compile (torch.compile of the
+                 U-ViT, as --compile), compile_blocks (regional: each block compiled); compilation shows
+                 in warmup_times_s
+  checkpoint/*   what writing a checkpoint costs the training thread: `sync` (save_checkpoint) and
+                 `background` (CheckpointWriter.save: a copy to the host, the write in a thread; write_s
+                 is how long the thread then took), on the default mode's model and optimizer
 
 One step = batch assembly + forward + backward + gradient clipping + AdamW. The photos are synthetic and
 the weights random (bench.common). projected_s_per_subject = the config's train_step x the median step
@@ -30,20 +36,21 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (DTYPES, bench_config, common_parser, fmt_float, fmt_str, gib, interleaved_runs,
-                          print_table, random_checkpoints, size_summary, start, timing_fields, uvit_forward_flops,
-                          write_result)
+from bench.common import (DTYPES, Measured, bench_config, common_parser, fmt_float, fmt_str, gib,
+                          interleaved_runs, median, peak_memory, print_table, random_checkpoints, size_summary, start,
+                          timing_fields, uvit_forward_flops, write_result)
 from libs.precision import autocast as training_autocast
 from libs.prompts import fill_prompt
 from libs.train import (BatchMaker, Models, Plan, TrainData, TrainImage, build_data, build_models, loss_terms,
-                        make_optimizer, total_loss)
+                        make_optimizer, make_scheduler, save_checkpoint, total_loss)
+from libs.train.checkpoints import CheckpointWriter
 
 BENCH = "bench_training"
 TOKEN = "<new1>"
@@ -64,6 +71,9 @@ class Mode:
     checkpointing: bool = False
     compile: bool = False
     cache_class_text: bool = True
+    lora_dropout: float | None = None  # None: config.train.lora_dropout
+    fused_adamw: bool | None = None  # None: make_optimizer's choice (fused on CUDA)
+    compile_blocks: bool = False
 
 
 DEFAULT = Mode("default")
@@ -75,8 +85,12 @@ MODES = {mode.name: mode for mode in (
     replace(DEFAULT, name="bf16", dtype="bf16"),
     replace(DEFAULT, name="fp16", dtype="fp16"),
     replace(DEFAULT, name="fp32", dtype="fp32"),
+    replace(DEFAULT, name="no_lora_dropout", lora_dropout=0.0),
+    replace(DEFAULT, name="foreach_adamw", fused_adamw=False),
     replace(DEFAULT, name="compile", compile=True),
+    replace(DEFAULT, name="compile_blocks", compile_blocks=True),
 )}
+OPT_IN = {"compile", "compile_blocks"}  # minutes of compilation: only when asked for
 
 
 def train_dtype(mode: Mode, device: torch.device) -> torch.dtype:
@@ -86,10 +100,11 @@ def train_dtype(mode: Mode, device: torch.device) -> torch.dtype:
 
 
 def default_modes(device: torch.device) -> list[str]:
-    """All but compile (opt-in) and the dtype equal to default's (fp16 is left out on CPU)."""
-    skip = {"compile"} | {name for name, dtype in DTYPES.items() if dtype == train_dtype(DEFAULT, device)}
+    """All but compilation (opt-in) and the dtype equal to default's (fp16 is left out on CPU, and so is
+    foreach_adamw, which is the default there)."""
+    skip = OPT_IN | {name for name, dtype in DTYPES.items() if dtype == train_dtype(DEFAULT, device)}
     if device.type == "cpu":
-        skip.add("fp16")
+        skip |= {"fp16", "foreach_adamw"}
     return [name for name in MODES if name not in skip]
 
 
@@ -105,43 +120,76 @@ def synthetic_images(count: int, resolution: int, seed: int, caption: str | None
 
 
 def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config train.py would run `mode` with (rank, gradient checkpointing, compile)."""
+    """The config train.py would run `mode` with (rank, gradient checkpointing, compile, LoRA dropout)."""
     local = copy.deepcopy(config)
     local.train.update(rank=mode.rank or int(config.train.rank), gradient_checkpointing=mode.checkpointing,
                        compile=mode.compile)
+    if mode.lora_dropout is not None:
+        local.train.lora_dropout = mode.lora_dropout
     return local
 
 
 def mode_models(mode: Mode, config: ml_collections.ConfigDict, plan: Plan, device: torch.device) -> Models:
     """libs.train.build_models for `mode`, from the random checkpoint files."""
-    return build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
+    models = build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
+    if mode.compile_blocks:
+        models.model.nnet.compile_blocks()
+    return models
 
 
-def make_step(mode: Mode, models: Models, data: TrainData, cfg: ml_collections.ConfigDict, device: torch.device,
-              seed: int) -> Callable[[], None]:
-    """One optimizer step of libs.train.train's loop, with accelerate's parts done by hand (a loss scaler
-    for fp16, gradient clipping); the learning-rate scheduler is left out (a few scalars)."""
-    batches = BatchMaker(data, cfg, models.autoencoder, seed, 0)
-    optimizer = make_optimizer(models.trainable(), cfg)
-    params = [p for p in models.model.parameters() if p.requires_grad]
-    dtype = train_dtype(mode, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    model = models.model.train()
-    steps = itertools.count(1)
+class TrainStep:
+    """One optimizer step of libs.train.train's loop per call, with accelerate's parts done by hand (a loss
+    scaler for fp16, gradient clipping); the learning-rate scheduler is left out (a few scalars)."""
 
-    def step() -> None:
-        batch = batches(next(steps))
-        with training_autocast(device, dtype):
-            loss = total_loss(loss_terms(model, batch, device), cfg)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, mode: Mode, models: Models, data: TrainData, cfg: ml_collections.ConfigDict,
+                 device: torch.device, seed: int):
+        self.models, self.cfg, self.device = models, cfg, device
+        self.batches = BatchMaker(data, cfg, models.autoencoder, seed, 0)
+        self.optimizer = make_optimizer(models.trainable(), cfg, fused=mode.fused_adamw)
+        self.params = [p for p in models.model.parameters() if p.requires_grad]
+        self.dtype = train_dtype(mode, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.model = models.model.train()
+        self.steps = itertools.count(1)
 
-    return step
+    def __call__(self) -> None:
+        batch = self.batches(next(self.steps))
+        with training_autocast(self.device, self.dtype):
+            loss = total_loss(loss_terms(self.model, batch, self.device), self.cfg)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint_costs(step: TrainStep, folder: Path, repeats: int) -> dict[str, Measured]:
+    """Seconds the training thread spends per checkpoint: writing it (`sync`), or handing it to
+    CheckpointWriter (`background`; its `outputs` hold how long the thread then wrote), interleaved."""
+    scheduler = make_scheduler(step.optimizer, step.cfg)
+    state = {"recipe": {}, "images": []}
+    writer = CheckpointWriter()
+    found = {name: Measured([], {}, [], []) for name in ("checkpoint/sync", "checkpoint/background")}
+    for repeat in range(1, repeats + 1):
+        for name, entry in found.items():
+            with peak_memory(step.device) as memory:
+                started = time.perf_counter()
+                if name == "checkpoint/sync":
+                    save_checkpoint(folder / "sync", repeat, step.model, step.optimizer, scheduler, step.scaler,
+                                    state, keep=1)
+                    entry.times.append(time.perf_counter() - started)
+                else:
+                    writer.save(folder / "background", repeat, step.model, step.optimizer, scheduler, step.scaler,
+                                state, keep=1)
+                    entry.times.append(time.perf_counter() - started)
+                    writer.wait()
+                    entry.outputs.append(time.perf_counter() - started - entry.times[-1])
+            if not entry.memory or memory["peak_mem_bytes"] > entry.memory["peak_mem_bytes"]:
+                entry.memory = memory
+            print(f"  [{repeat}/{repeats}] {name}: {entry.times[-1]:.3f} s", flush=True)
+    return found
 
 
 def training_data(config, plan: Plan, models: Models, instance: list[TrainImage], classes: list[TrainImage],
@@ -189,8 +237,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             data = copy.copy(cached if mode.cached else uncached)
             if not mode.cache_class_text:
                 data.class_text = None
-            runs[mode.name] = make_step(mode, trainables[mode.name], data, cfg, device, int(config.seed))
+            runs[mode.name] = TrainStep(mode, trainables[mode.name], data, cfg, device, int(config.seed))
         measured = interleaved_runs(runs, device, args.repeats, args.warmup)
+        saver = "default" if "default" in runs else modes[-1].name
+        writes = checkpoint_costs(runs[saver], Path(tmp) / "checkpoints", args.repeats)
     rows = []
     baseline_s = None
     for mode in modes:
@@ -213,6 +263,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     subject_baseline = rows[0]["projected_s_per_subject"]
     for record in rows:
         record["subject_speedup_vs_baseline"] = subject_baseline / record["projected_s_per_subject"]
+    sync_s = median(writes["checkpoint/sync"].times)
+    for name, entry in writes.items():
+        record = {"config": name, "size": args.size, "sizes": size_summary(config), "mode": {"of": saver},
+                  **timing_fields(entry, args.repeats, 0)}
+        record.update(speedup_vs_baseline=sync_s / record["median_s"],
+                      write_s=median(entry.outputs) if entry.outputs else record["median_s"])
+        rows.append(record)
     rows = [write_result(args.results_dir, BENCH, record, device) for record in rows]
     print(f"{BENCH} size={args.size} batch={cfg.batch_size}+{cfg.class_batch_size} train_step={cfg.train_step} "
           f"device={rows[0]['device_name']} torch={torch.__version__}")
@@ -229,7 +286,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="instance views per step (config: 4)")
     parser.add_argument("--class-batch-size", type=int, default=None, help="class views per step (config: 4)")
     parser.add_argument("--modes", nargs="+", default=None,
-                        help=f"modes to run (baseline always runs); default: all but compile. Known: {list(MODES)}")
+                        help=f"modes to run (baseline always runs); default: all but the compile modes. "
+                             f"Known: {list(MODES)}")
     return parser.parse_args(argv)
 
 
