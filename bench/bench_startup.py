@@ -8,7 +8,9 @@ Each timed run is a fresh process (bench/startup_probe.py) over the same model f
 warm after the warm-up runs (the issue's "start-up with a warm page cache"):
   sample  `import sample` (all sample.py imports), libs.sampling.load_base, personalize(count_parameters=True):
           a personalization of the config's LoRA rank with a token applied, counted (spec §7), merged and
-          placed on the device; the count it prints must agree between revisions
+          placed on the device (`merge`: the merge_lora calls, reported apart: on a CPU the merge makes
+          3.5 GB of new fp32 weights and dominates, on a GPU it runs on the device); the count it prints must
+          agree between revisions
   train   `import train`, accelerate's Accelerator, libs.train.build_models + make_optimizer: the models
           train.py trains (encoding the photos, the GPU's work, is bench_training's encode_s_per_view)
 median_s is the process's wall time (spawn to exit); `phases` are seconds inside the process. Model files
