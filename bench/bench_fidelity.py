@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ours = weight_sharing_copy(nnet)
     merge_lora(ours, "bench", device, dtype)
     cast_all = weight_sharing_copy(nnet)
-    merge_lora(cast_all, "bench", device)
-    cast_all.to(dtype)
+    merge_lora(cast_all, "bench", device, dtype)
+    cast_all.to(dtype)  # the normalization weights too
     models = {"reference": (nnet, torch.float32), "official": (nnet, dtype), "ours": (ours, dtype),
               "ours_cast_all": (cast_all, dtype)}
     if args.compile:
