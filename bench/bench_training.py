@@ -169,7 +169,7 @@ def checkpoint_costs(step: TrainStep, folder: Path, repeats: int) -> dict[str, M
     """Seconds the training thread spends per checkpoint: writing it (`sync`), or handing it to
     CheckpointWriter (`background`; its `outputs` hold how long the thread then wrote), interleaved."""
     scheduler = make_scheduler(step.optimizer, step.cfg)
-    state = {"recipe": {}, "images": []}
+    state = {"recipe": step.cfg.to_dict(), "images": []}
     writer = CheckpointWriter()
     found = {name: Measured([], {}, [], []) for name in ("checkpoint/sync", "checkpoint/background")}
     for repeat in range(1, repeats + 1):
@@ -205,6 +205,21 @@ def training_data(config, plan: Plan, models: Models, instance: list[TrainImage]
     return data, time.perf_counter() - started
 
 
+def checkpoint_step(models: Models, cfg: ml_collections.ConfigDict, device: torch.device) -> TrainStep:
+    """A TrainStep whose optimizer has taken one step on random gradients, without a forward or backward:
+    the state a checkpoint holds, at sizes where a real step is out of reach (full size on a CPU)."""
+    step = TrainStep.__new__(TrainStep)
+    step.models, step.cfg, step.device, step.model = models, cfg, device, models.model
+    step.optimizer = make_optimizer(models.trainable(), cfg)
+    step.scaler = torch.amp.GradScaler(device.type, enabled=train_dtype(DEFAULT, device) == torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    for _, param in models.trainable():
+        param.grad = (torch.randn(param.shape, generator=generator) * 1e-3).to(param)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = start(args)
     config = bench_config(args.size)
@@ -212,6 +227,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg.batch_size = args.batch_size or cfg.batch_size
     cfg.class_batch_size = args.class_batch_size or cfg.class_batch_size
     cfg.validation_steps = 0
+    if args.checkpoint_only:
+        return checkpoint_only(args, device, config)
     names = args.modes or default_modes(device)
     unknown = sorted(set(names) - set(MODES))
     if unknown:
@@ -263,13 +280,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     subject_baseline = rows[0]["projected_s_per_subject"]
     for record in rows:
         record["subject_speedup_vs_baseline"] = subject_baseline / record["projected_s_per_subject"]
-    sync_s = median(writes["checkpoint/sync"].times)
-    for name, entry in writes.items():
-        record = {"config": name, "size": args.size, "sizes": size_summary(config), "mode": {"of": saver},
-                  **timing_fields(entry, args.repeats, 0)}
-        record.update(speedup_vs_baseline=sync_s / record["median_s"],
-                      write_s=median(entry.outputs) if entry.outputs else record["median_s"])
-        rows.append(record)
     rows = [write_result(args.results_dir, BENCH, record, device) for record in rows]
     print(f"{BENCH} size={args.size} batch={cfg.batch_size}+{cfg.class_batch_size} train_step={cfg.train_step} "
           f"device={rows[0]['device_name']} torch={torch.__version__}")
@@ -278,6 +288,34 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ("work GiB", "working_mem_bytes", gib), ("peak GiB", "peak_mem_bytes", gib),
                        ("x baseline", "speedup_vs_baseline", fmt_float(2)),
                        ("x subject", "subject_speedup_vs_baseline", fmt_float(2))])
+    trainable = sum(p.numel() for _, p in runs[saver].models.trainable())
+    return rows + checkpoint_rows(writes, args, config, device, saver, trainable)
+
+
+def checkpoint_only(args: argparse.Namespace, device: torch.device, config) -> list[dict[str, Any]]:
+    """Only the checkpoint/* lines, for the default mode's models (see checkpoint_step)."""
+    with random_checkpoints(config) as config, tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        plan = Plan(config, Path("synthetic"), Path(tmp), CLASS_WORD, TOKEN, CLASS_WORD,
+                    fill_prompt(config.train.instance_prompt, TOKEN, CLASS_WORD), None)
+        step = checkpoint_step(mode_models(DEFAULT, config, plan, device), config.train, device)
+        writes = checkpoint_costs(step, Path(tmp) / "checkpoints", args.repeats)
+    trainable = sum(p.numel() for _, p in step.models.trainable())
+    return checkpoint_rows(writes, args, config, device, "default (one step on random gradients)", trainable)
+
+
+def checkpoint_rows(writes: dict[str, Measured], args: argparse.Namespace, config, device: torch.device,
+                    of: str, trainable: int) -> list[dict[str, Any]]:
+    sync_s = median(writes["checkpoint/sync"].times)
+    rows = []
+    for name, entry in writes.items():
+        record = {"config": name, "size": args.size, "sizes": size_summary(config), "mode": {"of": of},
+                  "trainable_parameters": trainable,
+                  **timing_fields(entry, args.repeats, 0)}
+        record.update(speedup_vs_baseline=sync_s / record["median_s"],
+                      write_s=median(entry.outputs) if entry.outputs else record["median_s"])
+        rows.append(write_result(args.results_dir, BENCH, record, device))
+    print_table(rows, [("checkpoint", "config", fmt_str), ("training thread s", "median_s", fmt_float(3)),
+                       ("written in s", "write_s", fmt_float(3)), ("x sync", "speedup_vs_baseline", fmt_float(2))])
     return rows
 
 
@@ -288,6 +326,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--modes", nargs="+", default=None,
                         help=f"modes to run (baseline always runs); default: all but the compile modes. "
                              f"Known: {list(MODES)}")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only the checkpoint/* lines, after one optimizer step on random gradients (no "
+                             "training step: for full size on a CPU)")
     return parser.parse_args(argv)
 
 
