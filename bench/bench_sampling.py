@@ -15,7 +15,8 @@ Modes
   ablations       `pipeline` with one thing changed, through a bench loop that calls the same
                   t2i_sample: unbatched_cfg, unmerged_lora, math_attention (explicit fp32 softmax, the
                   official fallback), inference_mode, no_vae_slicing, bf16 / fp16 / fp32 weights,
-                  compile (torch.compile of the whole U-ViT), compile_blocks (regional: each block
+                  compile (torch.compile of the whole U-ViT), compile_cudagraphs (the same with
+                  mode="reduce-overhead": CUDA graphs), compile_blocks (regional: each block
                   compiled, UViT.compile_blocks), cudnn_attention / flash_attention / efficient_attention
                   (SDPA held to one CUDA kernel; CUDA only). Compilation shows in warmup_times_s.
   load/*          loading the caption decoder as the official code does (GPT-2 built and loaded) against
@@ -74,6 +75,7 @@ class Mode:
     inference_mode: bool = False
     vae_slice: int | None = 1
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode for `compile` (None: its default)
     compile_blocks: bool = False
     sdpa_backend: str | None = None  # SDPA held to this kernel (torch.nn.attention.SDPBackend name)
 
@@ -81,7 +83,7 @@ class Mode:
 PIPELINE = Mode("pipeline")
 BASELINE = Mode("baseline", batched_cfg=False, merged=False, attention="sdpa", cast_weights=False, vae_slice=None)
 SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
-OPT_IN = {"compile", "compile_blocks"}  # minutes of compilation: only when asked for
+OPT_IN = {"compile", "compile_cudagraphs", "compile_blocks"}  # minutes of compilation: only when asked for
 ABLATIONS = {mode.name: mode for mode in (
     replace(PIPELINE, name="unbatched_cfg", batched_cfg=False),
     replace(PIPELINE, name="unmerged_lora", merged=False),
@@ -92,6 +94,7 @@ ABLATIONS = {mode.name: mode for mode in (
     replace(PIPELINE, name="fp16", dtype="fp16"),
     replace(PIPELINE, name="fp32", dtype="fp32"),
     replace(PIPELINE, name="compile", compile=True),
+    replace(PIPELINE, name="compile_cudagraphs", compile=True, compile_mode="reduce-overhead"),
     replace(PIPELINE, name="compile_blocks", compile_blocks=True),
     *(replace(PIPELINE, name=f"{backend}_attention", sdpa_backend=backend) for backend in SDPA_BACKENDS),
 )}
@@ -134,8 +137,9 @@ def two_pass_sample(nnet: nn.Module, text: Tensor, z_init: Tensor, clip_img_init
 class Networks:
     """The U-ViT variants the modes need: the unmerged fp32 LoRA model (the baseline's), the pipeline's
     own (merged, inference dtype), and copies made from the first: unmerged or merged, fp32 or placed for
-    inference in a low dtype as the pipeline does, compiled whole ("model"), block by block ("blocks") or
-    not (at full size each copy is 1.9-3.8 GB: run fewer modes when memory is short)."""
+    inference in a low dtype as the pipeline does, compiled whole ("model", "model:<torch.compile mode>"),
+    block by block ("blocks") or not (at full size each copy is 1.9-3.8 GB: run fewer modes when memory
+    is short)."""
 
     def __init__(self, unmerged_fp32: nn.Module, pipeline: T2IPipeline):
         self.base = unmerged_fp32
@@ -145,8 +149,9 @@ class Networks:
     def get(self, merged: bool, dtype: torch.dtype, compiled: str | None = None) -> nn.Module:
         key = (merged, dtype, compiled)
         if key not in self.copies:
-            if compiled == "model":
-                self.copies[key] = torch.compile(self.get(merged, dtype))
+            if compiled is not None and compiled.startswith("model"):  # "model" or "model:<mode>"
+                mode = compiled.partition(":")[2] or None
+                self.copies[key] = torch.compile(self.get(merged, dtype), mode=mode)
             elif compiled == "blocks":
                 model = copy.deepcopy(self.get(merged, dtype))
                 model.compile_blocks()
@@ -192,7 +197,8 @@ def make_run(mode: Mode, pipeline: T2IPipeline, networks: Networks, n_images: in
              device: torch.device) -> Callable[[], dict[str, float]]:
     """One prompt's images in `mode`; returns the phase seconds."""
     dtype = mode_dtype(mode, device)
-    compiled = "model" if mode.compile else "blocks" if mode.compile_blocks else None
+    compiled = (f"model:{mode.compile_mode or ''}".rstrip(":") if mode.compile
+                else "blocks" if mode.compile_blocks else None)
     nnet = networks.get(mode.merged, dtype if mode.cast_weights else torch.float32, compiled)
     config = pipeline.config
     prompts = [PROMPT] * n_images
