@@ -27,10 +27,10 @@ def place_for_inference(module: nn.Module, device: torch.device | str | None, dt
     """Move `module` to `device` with the weights and biases of its matmul layers (MATMUL_LAYERS) in `dtype`
     and every other tensor (normalization layers, embeddings, positions) as it is, each tensor converted once.
 
-    Under `autocast(device, dtype)` this computes exactly what the official fp32 weights do (autocast casts
-    a matmul's weight and bias to `dtype` and reads the others in full precision), without casting the
-    large weights at every call; casting the normalization weights too would round them (spec of the
-    fidelity guard: tests/test_fidelity.py)."""
+    Under `autocast(device, dtype)` this computes what the official fp32 weights compute (autocast casts a
+    matmul's weight and bias to `dtype` and reads the others in full precision), without casting the large
+    weights at every call; casting the normalization weights too would round them and add error (the
+    fidelity guard: bench/bench_fidelity.py, checked by tests/test_bench.py)."""
     for layer in module.modules():
         low = isinstance(layer, MATMUL_LAYERS)
         for param in layer.parameters(recurse=False):
