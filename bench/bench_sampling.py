@@ -6,17 +6,19 @@ reproduces the official loop's costs, measured in the same run.
     python -m bench.bench_sampling --size full                   # GPU: 50 steps, every mode but compile
 
 Modes
-  baseline        the official loop's costs: cond and uncond as two forwards per step, the LoRA (r=64 on
-                  the default targets) left unmerged, "math" attention with its fp32 softmax (the official
-                  fallback; on torch >= 2 the official code picks SDPA, and math_attention isolates that
-                  part), fp32 weights under autocast (fp16 on CUDA as the official script; none on CPU),
-                  no_grad, one VAE decode of the whole batch
+  baseline        the official loop's real costs: cond and uncond as two forwards per step, the LoRA (r=64
+                  on the default targets) left unmerged, SDPA attention (what the official U-ViT code picks
+                  on torch >= 2), fp32 weights under autocast (fp16 on CUDA as the official script; none on
+                  CPU), no_grad, one VAE decode of the whole batch
   pipeline        libs.sampling.T2IPipeline.generate exactly as sample.py runs it (batched CFG, merged
-                  LoRA, SDPA, weights cast to the inference dtype, VAE decoded one image at a time)
+                  LoRA, SDPA, matmul weights cast to the inference dtype, VAE decoded one image at a time)
   ablations       `pipeline` with one thing changed, through a bench loop that calls the same
-                  t2i_sample: unbatched_cfg, unmerged_lora, math_attention, inference_mode,
-                  no_vae_slicing, bf16 / fp16 / fp32 weights, compile (torch.compile of the U-ViT; its
-                  compilation shows in warmup_times_s)
+                  t2i_sample: unbatched_cfg, unmerged_lora, math_attention (explicit fp32 softmax, the
+                  official fallback), inference_mode, no_vae_slicing, bf16 / fp16 / fp32 weights,
+                  compile (torch.compile of the whole U-ViT), compile_cudagraphs (the same with
+                  mode="reduce-overhead": CUDA graphs), compile_blocks (regional: each block
+                  compiled, UViT.compile_blocks), cudnn_attention / flash_attention / efficient_attention
+                  (SDPA held to one CUDA kernel; CUDA only). Compilation shows in warmup_times_s.
   load/*          loading the caption decoder as the official code does (GPT-2 built and loaded) against
                   libs.caption_decoder.load_caption_decoder (prefix layers only), from the same file
 
@@ -29,10 +31,10 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +52,7 @@ from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as PREFIX
 from libs.models.loading import load_caption_decoder, load_uvit
 from libs.personalization import load_personalization, save_personalization
-from libs.precision import inference_dtype
+from libs.precision import inference_dtype, place_for_inference
 from libs.sampling import T2IPipeline, combine_joint, load_pipeline, split_joint, t2i_sample, to_pil_images
 
 BENCH = "bench_sampling"
@@ -73,10 +75,15 @@ class Mode:
     inference_mode: bool = False
     vae_slice: int | None = 1
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile's mode for `compile` (None: its default)
+    compile_blocks: bool = False
+    sdpa_backend: str | None = None  # SDPA held to this kernel (torch.nn.attention.SDPBackend name)
 
 
 PIPELINE = Mode("pipeline")
-BASELINE = Mode("baseline", batched_cfg=False, merged=False, attention="math", cast_weights=False, vae_slice=None)
+BASELINE = Mode("baseline", batched_cfg=False, merged=False, attention="sdpa", cast_weights=False, vae_slice=None)
+SDPA_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION"}
+OPT_IN = {"compile", "compile_cudagraphs", "compile_blocks"}  # minutes of compilation: only when asked for
 ABLATIONS = {mode.name: mode for mode in (
     replace(PIPELINE, name="unbatched_cfg", batched_cfg=False),
     replace(PIPELINE, name="unmerged_lora", merged=False),
@@ -87,17 +94,20 @@ ABLATIONS = {mode.name: mode for mode in (
     replace(PIPELINE, name="fp16", dtype="fp16"),
     replace(PIPELINE, name="fp32", dtype="fp32"),
     replace(PIPELINE, name="compile", compile=True),
+    replace(PIPELINE, name="compile_cudagraphs", compile=True, compile_mode="reduce-overhead"),
+    replace(PIPELINE, name="compile_blocks", compile_blocks=True),
+    *(replace(PIPELINE, name=f"{backend}_attention", sdpa_backend=backend) for backend in SDPA_BACKENDS),
 )}
 MODES = {"baseline": BASELINE, "pipeline": PIPELINE, **ABLATIONS}
 
 
 def default_modes(device: torch.device) -> list[str]:
-    """Everything but compile (opt-in: minutes of compilation) and dtypes equal to the pipeline's
-    (fp16 is left out on CPU, where it has no fast kernels)."""
+    """Everything but compilation (opt-in: minutes of compiling) and dtypes equal to the pipeline's (fp16
+    is left out on CPU, where it has no fast kernels, and so are the CUDA attention kernels)."""
     pipeline_dtype = inference_dtype(device)
-    skip = {"compile"} | {name for name, dtype in DTYPES.items() if dtype == pipeline_dtype}
+    skip = OPT_IN | {name for name, dtype in DTYPES.items() if dtype == pipeline_dtype}
     if device.type == "cpu":
-        skip.add("fp16")
+        skip |= {"fp16"} | {f"{backend}_attention" for backend in SDPA_BACKENDS}
     return [name for name in MODES if name not in skip]
 
 
@@ -126,25 +136,41 @@ def two_pass_sample(nnet: nn.Module, text: Tensor, z_init: Tensor, clip_img_init
 
 class Networks:
     """The U-ViT variants the modes need: the unmerged fp32 LoRA model (the baseline's), the pipeline's
-    own (merged, inference dtype), and copies made from the first: unmerged or merged, fp32 or cast,
-    compiled or not (at full size each copy is 1.9-3.8 GB: run fewer modes when memory is short)."""
+    own (merged, inference dtype), and copies made from the first: unmerged or merged, fp32 or placed for
+    inference in a low dtype as the pipeline does, compiled whole ("model", "model:<torch.compile mode>"),
+    block by block ("blocks") or not (at full size each copy is 1.9-3.8 GB: run fewer modes when memory
+    is short)."""
 
     def __init__(self, unmerged_fp32: nn.Module, pipeline: T2IPipeline):
         self.base = unmerged_fp32
-        self.copies: dict[tuple[bool, torch.dtype, bool], nn.Module] = {
-            (False, torch.float32, False): unmerged_fp32, (True, pipeline.dtype, False): pipeline.nnet}
+        self.copies: dict[tuple[bool, torch.dtype, str | None], nn.Module] = {
+            (False, torch.float32, None): unmerged_fp32, (True, pipeline.dtype, None): pipeline.nnet}
 
-    def get(self, merged: bool, dtype: torch.dtype, compiled: bool = False) -> nn.Module:
+    def get(self, merged: bool, dtype: torch.dtype, compiled: str | None = None) -> nn.Module:
         key = (merged, dtype, compiled)
         if key not in self.copies:
-            if compiled:
-                self.copies[key] = torch.compile(self.get(merged, dtype))
+            if compiled is not None and compiled.startswith("model"):  # "model" or "model:<mode>"
+                mode = compiled.partition(":")[2] or None
+                self.copies[key] = torch.compile(self.get(merged, dtype), mode=mode)
+            elif compiled == "blocks":
+                model = copy.deepcopy(self.get(merged, dtype))
+                model.compile_blocks()
+                self.copies[key] = model
             else:
                 model = copy.deepcopy(self.base)
                 if merged:
                     merge_lora(model)
-                self.copies[key] = model.to(dtype)
+                self.copies[key] = place_for_inference(model, None, dtype)
         return self.copies[key]
+
+
+def sdpa_backend(name: str | None) -> ContextManager[Any]:
+    """SDPA held to one kernel (cudnn, flash, efficient), or torch's own choice for None."""
+    if name is None:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(getattr(SDPBackend, SDPA_BACKENDS[name]))
 
 
 def weight_bytes(*modules: nn.Module) -> int:
@@ -171,7 +197,9 @@ def make_run(mode: Mode, pipeline: T2IPipeline, networks: Networks, n_images: in
              device: torch.device) -> Callable[[], dict[str, float]]:
     """One prompt's images in `mode`; returns the phase seconds."""
     dtype = mode_dtype(mode, device)
-    nnet = networks.get(mode.merged, dtype if mode.cast_weights else torch.float32, mode.compile)
+    compiled = (f"model:{mode.compile_mode or ''}".rstrip(":") if mode.compile
+                else "blocks" if mode.compile_blocks else None)
+    nnet = networks.get(mode.merged, dtype if mode.cast_weights else torch.float32, compiled)
     config = pipeline.config
     prompts = [PROMPT] * n_images
 
@@ -208,7 +236,7 @@ def make_run(mode: Mode, pipeline: T2IPipeline, networks: Networks, n_images: in
     def run() -> dict[str, float]:
         nnet.set_attention_mode(mode.attention)
         watch = Stopwatch(device)
-        with phase_laps(pipeline, watch):
+        with phase_laps(pipeline, watch), sdpa_backend(mode.sdpa_backend):
             body()
         return dict(watch.laps)
 
@@ -350,7 +378,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-images", type=int, default=3, help="images per prompt, denoised as one batch")
     parser.add_argument("--lora-rank", type=int, default=64, help="rank of the U-ViT LoRA (default targets)")
     parser.add_argument("--modes", nargs="+", default=None,
-                        help=f"modes to run (baseline always runs); default: all but compile. Known: {list(MODES)}")
+                        help=f"modes to run (baseline always runs); default: all but the compile modes (and, on CPU, fp16 and the CUDA attention kernels). Known: {list(MODES)}")
     return parser.parse_args(argv)
 
 

@@ -13,7 +13,13 @@ Modes
                  make_optimizer): cached encodings, the config's rank, frozen weights in the mixed-
                  precision dtype (fp16 on CUDA, as `accelerate launch --mixed_precision fp16`; fp32 on CPU)
   ablations      default with one change: no_cache, checkpointing (gradient checkpointing), bf16, fp16,
-                 fp32, compile (torch.compile of the U-ViT, as --compile; compilation shows in warmup_times_s)
+                 fp32, no_lora_dropout (the LoRA inputs' dropout off: what it costs), foreach_adamw (AdamW
+                 as a chain of multi-tensor ops; default: fused on CUDA), compile (torch.compile of the
+                 U-ViT, as --compile), compile_blocks (regional: each block compiled); compilation shows
+                 in warmup_times_s
+  checkpoint/*   what writing a checkpoint costs the training thread: `sync` (save_checkpoint) and
+                 `background` (CheckpointWriter.save: a copy to the host, the write in a thread; write_s
+                 is how long the thread then took), on the default mode's model and optimizer
 
 One step = batch assembly + forward + backward + gradient clipping + AdamW. The photos are synthetic and
 the weights random (bench.common). projected_s_per_subject = the config's train_step x the median step
@@ -30,20 +36,21 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import ml_collections
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import (DTYPES, bench_config, common_parser, fmt_float, fmt_str, gib, interleaved_runs,
-                          print_table, random_checkpoints, size_summary, start, timing_fields, uvit_forward_flops,
-                          write_result)
+from bench.common import (DTYPES, Measured, bench_config, common_parser, fmt_float, fmt_str, gib,
+                          interleaved_runs, median, peak_memory, print_table, random_checkpoints, size_summary, start,
+                          timing_fields, uvit_forward_flops, write_result)
 from libs.precision import autocast as training_autocast
 from libs.prompts import fill_prompt
 from libs.train import (BatchMaker, Models, Plan, TrainData, TrainImage, build_data, build_models, loss_terms,
-                        make_optimizer, total_loss)
+                        make_optimizer, make_scheduler, save_checkpoint, total_loss)
+from libs.train.checkpoints import CheckpointWriter
 
 BENCH = "bench_training"
 TOKEN = "<new1>"
@@ -64,6 +71,9 @@ class Mode:
     checkpointing: bool = False
     compile: bool = False
     cache_class_text: bool = True
+    lora_dropout: float | None = None  # None: config.train.lora_dropout
+    fused_adamw: bool | None = None  # None: make_optimizer's choice (fused on CUDA)
+    compile_blocks: bool = False
 
 
 DEFAULT = Mode("default")
@@ -75,8 +85,12 @@ MODES = {mode.name: mode for mode in (
     replace(DEFAULT, name="bf16", dtype="bf16"),
     replace(DEFAULT, name="fp16", dtype="fp16"),
     replace(DEFAULT, name="fp32", dtype="fp32"),
+    replace(DEFAULT, name="no_lora_dropout", lora_dropout=0.0),
+    replace(DEFAULT, name="foreach_adamw", fused_adamw=False),
     replace(DEFAULT, name="compile", compile=True),
+    replace(DEFAULT, name="compile_blocks", compile_blocks=True),
 )}
+OPT_IN = {"compile", "compile_blocks"}  # minutes of compilation: only when asked for
 
 
 def train_dtype(mode: Mode, device: torch.device) -> torch.dtype:
@@ -86,10 +100,11 @@ def train_dtype(mode: Mode, device: torch.device) -> torch.dtype:
 
 
 def default_modes(device: torch.device) -> list[str]:
-    """All but compile (opt-in) and the dtype equal to default's (fp16 is left out on CPU)."""
-    skip = {"compile"} | {name for name, dtype in DTYPES.items() if dtype == train_dtype(DEFAULT, device)}
+    """All but compilation (opt-in) and the dtype equal to default's (fp16 is left out on CPU, and so is
+    foreach_adamw, which is the default there)."""
+    skip = OPT_IN | {name for name, dtype in DTYPES.items() if dtype == train_dtype(DEFAULT, device)}
     if device.type == "cpu":
-        skip.add("fp16")
+        skip |= {"fp16", "foreach_adamw"}
     return [name for name in MODES if name not in skip]
 
 
@@ -105,43 +120,76 @@ def synthetic_images(count: int, resolution: int, seed: int, caption: str | None
 
 
 def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config train.py would run `mode` with (rank, gradient checkpointing, compile)."""
+    """The config train.py would run `mode` with (rank, gradient checkpointing, compile, LoRA dropout)."""
     local = copy.deepcopy(config)
     local.train.update(rank=mode.rank or int(config.train.rank), gradient_checkpointing=mode.checkpointing,
                        compile=mode.compile)
+    if mode.lora_dropout is not None:
+        local.train.lora_dropout = mode.lora_dropout
     return local
 
 
 def mode_models(mode: Mode, config: ml_collections.ConfigDict, plan: Plan, device: torch.device) -> Models:
     """libs.train.build_models for `mode`, from the random checkpoint files."""
-    return build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
+    models = build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
+    if mode.compile_blocks:
+        models.model.nnet.compile_blocks()
+    return models
 
 
-def make_step(mode: Mode, models: Models, data: TrainData, cfg: ml_collections.ConfigDict, device: torch.device,
-              seed: int) -> Callable[[], None]:
-    """One optimizer step of libs.train.train's loop, with accelerate's parts done by hand (a loss scaler
-    for fp16, gradient clipping); the learning-rate scheduler is left out (a few scalars)."""
-    batches = BatchMaker(data, cfg, models.autoencoder, seed, 0)
-    optimizer = make_optimizer(models.trainable(), cfg)
-    params = [p for p in models.model.parameters() if p.requires_grad]
-    dtype = train_dtype(mode, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    model = models.model.train()
-    steps = itertools.count(1)
+class TrainStep:
+    """One optimizer step of libs.train.train's loop per call, with accelerate's parts done by hand (a loss
+    scaler for fp16, gradient clipping); the learning-rate scheduler is left out (a few scalars)."""
 
-    def step() -> None:
-        batch = batches(next(steps))
-        with training_autocast(device, dtype):
-            loss = total_loss(loss_terms(model, batch, device), cfg)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, mode: Mode, models: Models, data: TrainData, cfg: ml_collections.ConfigDict,
+                 device: torch.device, seed: int):
+        self.models, self.cfg, self.device = models, cfg, device
+        self.batches = BatchMaker(data, cfg, models.autoencoder, seed, 0)
+        self.optimizer = make_optimizer(models.trainable(), cfg, fused=mode.fused_adamw)
+        self.params = [p for p in models.model.parameters() if p.requires_grad]
+        self.dtype = train_dtype(mode, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.model = models.model.train()
+        self.steps = itertools.count(1)
 
-    return step
+    def __call__(self) -> None:
+        batch = self.batches(next(self.steps))
+        with training_autocast(self.device, self.dtype):
+            loss = total_loss(loss_terms(self.model, batch, self.device), self.cfg)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def checkpoint_costs(step: TrainStep, folder: Path, repeats: int) -> dict[str, Measured]:
+    """Seconds the training thread spends per checkpoint: writing it (`sync`), or handing it to
+    CheckpointWriter (`background`; its `outputs` hold how long the thread then wrote), interleaved."""
+    scheduler = make_scheduler(step.optimizer, step.cfg)
+    state = {"recipe": step.cfg.to_dict(), "images": []}
+    writer = CheckpointWriter()
+    found = {name: Measured([], {}, [], []) for name in ("checkpoint/sync", "checkpoint/background")}
+    for repeat in range(1, repeats + 1):
+        for name, entry in found.items():
+            with peak_memory(step.device) as memory:
+                started = time.perf_counter()
+                if name == "checkpoint/sync":
+                    save_checkpoint(folder / "sync", repeat, step.model, step.optimizer, scheduler, step.scaler,
+                                    state, keep=1)
+                    entry.times.append(time.perf_counter() - started)
+                else:
+                    writer.save(folder / "background", repeat, step.model, step.optimizer, scheduler, step.scaler,
+                                state, keep=1)
+                    entry.times.append(time.perf_counter() - started)
+                    writer.wait()
+                    entry.outputs.append(time.perf_counter() - started - entry.times[-1])
+            if not entry.memory or memory["peak_mem_bytes"] > entry.memory["peak_mem_bytes"]:
+                entry.memory = memory
+            print(f"  [{repeat}/{repeats}] {name}: {entry.times[-1]:.3f} s", flush=True)
+    return found
 
 
 def training_data(config, plan: Plan, models: Models, instance: list[TrainImage], classes: list[TrainImage],
@@ -157,6 +205,21 @@ def training_data(config, plan: Plan, models: Models, instance: list[TrainImage]
     return data, time.perf_counter() - started
 
 
+def checkpoint_step(models: Models, cfg: ml_collections.ConfigDict, device: torch.device) -> TrainStep:
+    """A TrainStep whose optimizer has taken one step on random gradients, without a forward or backward:
+    the state a checkpoint holds, at sizes where a real step is out of reach (full size on a CPU)."""
+    step = TrainStep.__new__(TrainStep)
+    step.models, step.cfg, step.device, step.model = models, cfg, device, models.model
+    step.optimizer = make_optimizer(models.trainable(), cfg)
+    step.scaler = torch.amp.GradScaler(device.type, enabled=train_dtype(DEFAULT, device) == torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    for _, param in models.trainable():
+        param.grad = (torch.randn(param.shape, generator=generator) * 1e-3).to(param)
+    step.optimizer.step()
+    step.optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = start(args)
     config = bench_config(args.size)
@@ -164,6 +227,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg.batch_size = args.batch_size or cfg.batch_size
     cfg.class_batch_size = args.class_batch_size or cfg.class_batch_size
     cfg.validation_steps = 0
+    if args.checkpoint_only:
+        return checkpoint_only(args, device, config)
     names = args.modes or default_modes(device)
     unknown = sorted(set(names) - set(MODES))
     if unknown:
@@ -189,8 +254,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             data = copy.copy(cached if mode.cached else uncached)
             if not mode.cache_class_text:
                 data.class_text = None
-            runs[mode.name] = make_step(mode, trainables[mode.name], data, cfg, device, int(config.seed))
+            runs[mode.name] = TrainStep(mode, trainables[mode.name], data, cfg, device, int(config.seed))
         measured = interleaved_runs(runs, device, args.repeats, args.warmup)
+        saver = "default" if "default" in runs else modes[-1].name
+        writes = checkpoint_costs(runs[saver], Path(tmp) / "checkpoints", args.repeats)
     rows = []
     baseline_s = None
     for mode in modes:
@@ -221,6 +288,34 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                        ("work GiB", "working_mem_bytes", gib), ("peak GiB", "peak_mem_bytes", gib),
                        ("x baseline", "speedup_vs_baseline", fmt_float(2)),
                        ("x subject", "subject_speedup_vs_baseline", fmt_float(2))])
+    trainable = sum(p.numel() for _, p in runs[saver].models.trainable())
+    return rows + checkpoint_rows(writes, args, config, device, saver, trainable)
+
+
+def checkpoint_only(args: argparse.Namespace, device: torch.device, config) -> list[dict[str, Any]]:
+    """Only the checkpoint/* lines, for the default mode's models (see checkpoint_step)."""
+    with random_checkpoints(config) as config, tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        plan = Plan(config, Path("synthetic"), Path(tmp), CLASS_WORD, TOKEN, CLASS_WORD,
+                    fill_prompt(config.train.instance_prompt, TOKEN, CLASS_WORD), None)
+        step = checkpoint_step(mode_models(DEFAULT, config, plan, device), config.train, device)
+        writes = checkpoint_costs(step, Path(tmp) / "checkpoints", args.repeats)
+    trainable = sum(p.numel() for _, p in step.models.trainable())
+    return checkpoint_rows(writes, args, config, device, "default (one step on random gradients)", trainable)
+
+
+def checkpoint_rows(writes: dict[str, Measured], args: argparse.Namespace, config, device: torch.device,
+                    of: str, trainable: int) -> list[dict[str, Any]]:
+    sync_s = median(writes["checkpoint/sync"].times)
+    rows = []
+    for name, entry in writes.items():
+        record = {"config": name, "size": args.size, "sizes": size_summary(config), "mode": {"of": of},
+                  "trainable_parameters": trainable,
+                  **timing_fields(entry, args.repeats, 0)}
+        record.update(speedup_vs_baseline=sync_s / record["median_s"],
+                      write_s=median(entry.outputs) if entry.outputs else record["median_s"])
+        rows.append(write_result(args.results_dir, BENCH, record, device))
+    print_table(rows, [("checkpoint", "config", fmt_str), ("training thread s", "median_s", fmt_float(3)),
+                       ("written in s", "write_s", fmt_float(3)), ("x sync", "speedup_vs_baseline", fmt_float(2))])
     return rows
 
 
@@ -229,7 +324,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="instance views per step (config: 4)")
     parser.add_argument("--class-batch-size", type=int, default=None, help="class views per step (config: 4)")
     parser.add_argument("--modes", nargs="+", default=None,
-                        help=f"modes to run (baseline always runs); default: all but compile. Known: {list(MODES)}")
+                        help=f"modes to run (baseline always runs); default: all but the compile modes. "
+                             f"Known: {list(MODES)}")
+    parser.add_argument("--checkpoint-only", action="store_true",
+                        help="only the checkpoint/* lines, after one optimizer step on random gradients (no "
+                             "training step: for full size on a CPU)")
     return parser.parse_args(argv)
 
 

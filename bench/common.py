@@ -95,33 +95,61 @@ def size_summary(config: ml_collections.ConfigDict) -> dict[str, Any]:
 # --- models with random weights ------------------------------------------------------------------------
 
 
-@contextmanager
-def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iterator[ml_collections.ConfigDict]:
-    """Random weights for every model of `config`, written in the official file formats to a temporary
-    folder; yields a copy of the config whose paths point there.
+def write_random_checkpoints(config: ml_collections.ConfigDict, folder: str | Path,
+                             seed: int = 0) -> ml_collections.ConfigDict:
+    """Random weights for every model of `config`, written in the official file formats into `folder`;
+    returns a copy of the config whose paths point there.
 
     The benches then load through the production loaders (load_uvit, load_pipeline, build_models ...),
-    so they time what train.py and sample.py run. At full size the folder holds ~4.8 GB while the
-    context lives (uvit_v1.pth alone is 3.8 GB): point TMPDIR at a disk with room.
+    so they time what train.py and sample.py run. At full size the folder holds ~4.8 GB (uvit_v1.pth
+    alone is 3.8 GB).
     """
     local = copy.deepcopy(config)
     torch.manual_seed(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"nnet": folder / "uvit_v1.pth", "autoencoder": folder / "autoencoder_kl.pth",
+             "caption_decoder": folder / "caption_decoder.pth"}
+    torch.save(UViT(**config.nnet).state_dict(), files["nnet"])
+    torch.save(autoencoder_ldm_state(build_autoencoder(config)), files["autoencoder"])
+    prefix = CaptionDecoderPrefix(**config.caption_decoder).state_dict()
+    torch.save({f"{CAPTION_PREFIX}{k}": v for k, v in prefix.items()}, files["caption_decoder"])
+    text_dir, image_dir = folder / "clip-vit-large-patch14", folder / "clip-vit-base-patch32"
+    write_clip_tokenizer(text_dir)
+    with quiet_transformers():
+        CLIPTextModel(_clip_text_config(config.bench_clip)).save_pretrained(text_dir)
+        CLIPVisionModelWithProjection(_clip_vision_config(config.bench_clip)).save_pretrained(image_dir)
+    local.paths.update({name: str(path) for name, path in files.items()})
+    local.paths.update(clip_text=str(text_dir), clip_text_hub="", clip_img=str(image_dir), clip_img_hub="")
+    return local
+
+
+def write_personalization(config: ml_collections.ConfigDict, folder: str | Path, seed: int = 0) -> Path:
+    """A personalization as train.py writes it with the config's recipe (U-ViT LoRA of `train.rank` on the
+    default targets with small random B, a `<new1>` token), for the random base models of `config`."""
+    from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+    from libs.models.loading import load_text_encoder, load_uvit
+    from libs.personalization import save_personalization
+
+    nnet, text_encoder = load_uvit(config), load_text_encoder(config)
+    spec = LoraSpec(r=int(config.train.rank), alpha=float(config.train.alpha), target_modules=uvit_lora_modules(nnet))
+    add_lora(nnet, spec)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in nnet.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * 0.01
+    text_encoder.add_modifier_token("<new1>", "boy")
+    save_personalization(folder, {"modifier_token": "<new1>", "class_word": "boy", "text_encoder_mode": "token",
+                                  "uvit_lora": spec.to_dict()}, nnet, text_encoder)
+    return Path(folder)
+
+
+@contextmanager
+def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iterator[ml_collections.ConfigDict]:
+    """`write_random_checkpoints` into a temporary folder that lives as long as the context (at full
+    size ~4.8 GB: point TMPDIR at a disk with room)."""
     with tempfile.TemporaryDirectory(prefix="bench_models_") as tmp:
-        folder = Path(tmp)
-        files = {"nnet": folder / "uvit_v1.pth", "autoencoder": folder / "autoencoder_kl.pth",
-                 "caption_decoder": folder / "caption_decoder.pth"}
-        torch.save(UViT(**config.nnet).state_dict(), files["nnet"])
-        torch.save(autoencoder_ldm_state(build_autoencoder(config)), files["autoencoder"])
-        prefix = CaptionDecoderPrefix(**config.caption_decoder).state_dict()
-        torch.save({f"{CAPTION_PREFIX}{k}": v for k, v in prefix.items()}, files["caption_decoder"])
-        text_dir, image_dir = folder / "clip-vit-large-patch14", folder / "clip-vit-base-patch32"
-        write_clip_tokenizer(text_dir)
-        with quiet_transformers():
-            CLIPTextModel(_clip_text_config(config.bench_clip)).save_pretrained(text_dir)
-            CLIPVisionModelWithProjection(_clip_vision_config(config.bench_clip)).save_pretrained(image_dir)
-        local.paths.update({name: str(path) for name, path in files.items()})
-        local.paths.update(clip_text=str(text_dir), clip_text_hub="", clip_img=str(image_dir), clip_img_hub="")
-        yield local
+        yield write_random_checkpoints(config, tmp, seed)
 
 
 def write_scorer_clip(folder: Path, sizes: ml_collections.ConfigDict, seed: int = 0) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from libs.errors import UserError
@@ -135,6 +136,69 @@ def load_safetensors(path: str | Path, what: str = "safetensors file") -> dict[s
         return load_file(str(path))
     except Exception as error:  # noqa: BLE001
         raise CheckpointError(f"cannot read {what} {path}: {error}") from error
+
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def safetensors_files(folder: str | Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder in safetensors: `model.safetensors`, or the shards
+    its index names; empty when the folder has none (e.g. only `pytorch_model.bin`)."""
+    folder = Path(folder)
+    index = folder / SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise CheckpointError(f"cannot read {index}: {error}") from error
+        return [folder / shard for shard in shards]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+class LazySafetensors(Mapping[str, torch.Tensor]):
+    """The tensors of safetensors files, each read from its (memory-mapped) file only when asked for:
+    comparing a model with its file tensor by tensor never holds a second copy of the model.
+
+    `names` (name -> key in the files) exposes the tensors under other names, and only those."""
+
+    def __init__(self, files: list[Path], names: Mapping[str, str] | None = None):
+        handles: dict[str, Any] = {}
+        for path in files:
+            try:
+                handle = safe_open(str(path), framework="pt")
+            except Exception as error:  # noqa: BLE001 - re-raised with the file name
+                raise CheckpointError(f"cannot read {path}: {error}") from error
+            handles.update({key: handle for key in handle.keys()})
+        self._keys = dict(names) if names is not None else {key: key for key in handles}
+        absent = sorted(key for key in self._keys.values() if key not in handles)
+        if absent:
+            raise KeyError(f"not in {', '.join(map(str, files))}: {', '.join(absent[:8])}")
+        self._handles = handles
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._keys[name]
+        return self._handles[key].get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, from the file header (nothing read)."""
+        key = self._keys[name]
+        return tuple(self._handles[key].get_slice(key).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        """The tensor's dtype, from the file header (None for one torch has no name for here)."""
+        key = self._keys[name]
+        return _SAFETENSORS_DTYPES.get(self._handles[key].get_slice(key).get_dtype())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._keys
 
 
 def save_json(data: Any, path: str | Path) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from libs.checkpoint import CheckpointError, key_mismatches
 from libs.errors import UserError
 from libs.models.clip import CLIPTextEncoder
+from libs.precision import place_for_inference
 
 BLOCK_TARGETS = ("qkv", "proj", "fc1", "fc2", "skip_linear")
 BLOCK_TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "skip_linear": "skip_linear"}
@@ -87,35 +88,58 @@ class LoraSpec:
         return total
 
 
-def add_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Inject peft LoRA layers in place (the model keeps its class and forward signature)."""
-    return inject_adapter_in_model(spec.peft_config(), model)
+def add_lora(model: nn.Module, spec: LoraSpec, for_loading: bool = False) -> nn.Module:
+    """Inject peft LoRA layers in place (the model keeps its class and forward signature).
+
+    `for_loading`: the adapter weights are left uninitialised on the meta device, because
+    `load_lora_state(..., assign=True)` replaces every one of them next (no random init of millions of
+    values that are thrown away)."""
+    return inject_adapter_in_model(spec.peft_config(), model, low_cpu_mem_usage=for_loading)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(model)
 
 
-def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """Load adapter weights; every adapter tensor in the file must exist in the model with the same shape."""
-    problems = key_mismatches(get_peft_model_state_dict(model), state)
+def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path,
+                    assign: bool = False) -> None:
+    """Load adapter weights; every adapter tensor in the file must exist in the model with the same shape.
+
+    `assign` (after `add_lora(..., for_loading=True)`): the file's tensors, in the adapters' dtype, become
+    the adapter weights on the device of the layer they adapt, as a copy into them would have made them."""
+    expected = get_peft_model_state_dict(model)
+    problems = key_mismatches(expected, state)
     if problems:
         raise CheckpointError("\n".join([f"{source} does not fit this base model (was it trained with another "
                                          "config, rank or base checkpoint?)", *problems]))
-    set_peft_model_state_dict(model, dict(state))
+    if assign:
+        state = {key: value.to(expected[key].dtype) for key, value in state.items()}
+    set_peft_model_state_dict(model, dict(state), low_cpu_mem_usage=assign)
 
 
-def merge_lora(model: nn.Module, source: str | Path = "the adapters") -> int:
+def merge_lora(model: nn.Module, source: str | Path = "the adapters", device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> int:
     """Fold every LoRA delta into its base weight (inference speed); returns the number of merged layers.
 
     The merged weight is a new tensor (peft's safe merge), so base weights shared with other models are never
-    written; a delta holding NaN/inf is refused, naming `source`."""
+    written; a delta holding NaN/inf is refused, naming `source`. With `dtype` the model ends on `device`
+    placed for inference in `dtype` (libs.precision.place_for_inference), layer by layer: each adapted layer
+    moves to the device, merges in its own precision (fp32) and only then is cast, and the rest follows one
+    tensor at a time, so no full-precision copy of the whole model is ever made on the device."""
     merged = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and not module.merged:
+            if device is not None:
+                module.to(device)
             try:
                 module.merge(safe_merge=True)
             except ValueError as error:  # peft: "NaNs detected in the merged weights"
                 raise CheckpointError(f"{source}: the LoRA weights hold NaN or inf values ({error})") from error
+            if dtype is not None:
+                place_for_inference(module, device, dtype)
             merged += 1
+    if dtype is not None:
+        place_for_inference(model, device, dtype)
+    elif device is not None:
+        model.to(device)
     return merged

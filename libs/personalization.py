@@ -218,9 +218,9 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
     mode = meta.get("text_encoder_mode", "frozen")
     if mode == "lora":
         spec = LoraSpec.from_dict(meta["text_lora"])
-        add_lora(text_encoder.transformer, spec)
+        add_lora(text_encoder.transformer, spec, for_loading=True)
         load_lora_state(text_encoder.transformer, load_safetensors(restore_path / TEXT_LORA_FILE, "text-encoder LoRA"),
-                        restore_path / TEXT_LORA_FILE)
+                        restore_path / TEXT_LORA_FILE, assign=True)
     elif mode == "full":
         state = load_safetensors(restore_path / TEXT_FULL_FILE, "text-encoder weights")
         own = {k for k in text_encoder.transformer.state_dict() if not k.endswith("extra_weight")}
@@ -233,8 +233,9 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
         absent = [m for m in spec.target_modules if m not in known]
         if absent:
             raise CheckpointError(f"{restore_path / META_FILE} targets modules the U-ViT does not have: {absent[:4]}")
-        add_lora(nnet, spec)
-        load_lora_state(nnet, load_safetensors(restore_path / UVIT_LORA_FILE, "U-ViT LoRA"), restore_path / UVIT_LORA_FILE)
+        add_lora(nnet, spec, for_loading=True)
+        load_lora_state(nnet, load_safetensors(restore_path / UVIT_LORA_FILE, "U-ViT LoRA"), restore_path / UVIT_LORA_FILE,
+                        assign=True)
     nnet.eval()  # freshly injected LoRA dropout layers start in training mode
     text_encoder.eval()
     return Personalization(kind="ours", path=restore_path, meta=meta, modifier_token=token, class_word=meta.get("class_word"))

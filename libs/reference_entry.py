@@ -107,8 +107,8 @@ def load_reference_entry(restore_path: Path, nnet: nn.Module, text_encoder: CLIP
         absent = [m for m in spec.target_modules if m not in known]
         if absent:
             raise CheckpointError(f"{lora_file} adapts modules this U-ViT does not have: {absent[:4]}")
-        add_lora(nnet, spec)
-        load_lora_state(nnet, state, lora_file)
+        add_lora(nnet, spec, for_loading=True)
+        load_lora_state(nnet, state, lora_file, assign=True)
         meta["uvit_lora"] = spec.to_dict()
         meta["source_files"].append(lora_file.name)
     if token is not None:

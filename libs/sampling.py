@@ -32,7 +32,7 @@ from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPTextEncoder
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
-from libs.param_count import count_finetuned_parameters
+from libs.param_count import count_in_background
 from libs.errors import UserError
 from libs.personalization import Personalization, base_model, load_personalization
 from libs.precision import autocast, inference_dtype
@@ -211,20 +211,21 @@ def load_base(config: ml_collections.ConfigDict, device: str | torch.device) -> 
 
 def personalize(base: BaseModels, restore_path: str | Path | None, count_parameters: bool = False) -> T2IPipeline:
     """The base models with the personalization in `restore_path` (None: the plain base model on purpose):
-    applied to weight-sharing copies, counted (spec §7) if asked while the adapters are still their own
-    parameters, then merged and moved/cast for speed. The base models are left exactly as they were."""
+    applied to weight-sharing copies, counted (spec §7) if asked on the parameters as loaded (adapters still
+    their own parameters; the count runs in a thread while the copies are merged and moved/cast for speed).
+    The base models are left exactly as they were."""
     nnet = weight_sharing_copy(base.nnet)
     text_encoder = weight_sharing_copy(base.text_encoder)
     personalization = (load_personalization(restore_path, nnet, text_encoder) if restore_path is not None
                        else base_model())
-    finetuned = (count_finetuned_parameters(base.config, nnet, base.autoencoder, text_encoder)
-                 if count_parameters else None)
+    # the count reads the parameters as they are now, in a thread, while they are merged and moved
+    counting = count_in_background(base.config, nnet, base.autoencoder, text_encoder) if count_parameters else None
     source = str(restore_path)
-    nnet.to(base.device)
-    merge_lora(nnet, source)
+    merge_lora(nnet, source, base.device, inference_dtype(base.device))  # layer by layer: no fp32 copy on the GPU
+    nnet.eval()
     merge_lora(text_encoder.transformer, source)
-    nnet.to(dtype=inference_dtype(base.device)).eval()
     text_encoder.to(base.device).eval()
+    finetuned = counting.result() if counting is not None else None
     with torch.no_grad():
         empty_text = base.caption_decoder(text_encoder.encode([""]))[0]
     return T2IPipeline(base.config, nnet, base.autoencoder, text_encoder, base.caption_decoder, base.device,

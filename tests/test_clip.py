@@ -95,3 +95,34 @@ def test_image_encoder_returns_unnormalized_projection(tiny_config, public_photo
     assert embeds.shape == (2, tiny_config.clip_img_dim)
     assert not torch.allclose(embeds.norm(dim=-1), torch.ones(2))
     assert not torch.allclose(embeds[0], embeds[1])
+
+
+@pytest.mark.parametrize("layout", ["text_model", "clip_model", "clip_model_fp16", "bin"])
+def test_original_text_encoder_state_is_what_from_pretrained_loads(tiny_config, tmp_path, layout):
+    """The §7 reference equals the model transformers loads from the folder: read tensor by tensor for our
+    tiny world's CLIPTextModel folder and a full CLIPModel folder (text tower under `text_model.`, as the
+    official openai/clip-vit-large-patch14); loaded as a model for an fp16 CLIPModel folder (whose text
+    config names no dtype) and a pytorch_model.bin folder."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+    from libs.checkpoint import LazySafetensors
+
+    if layout != "text_model":
+        tiny = CLIPTextModel.from_pretrained(tiny_config.paths.clip_text)
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        model = CLIPModel(CLIPConfig(text_config=tiny.config.to_dict(), vision_config=vision, projection_dim=16))
+        if layout == "clip_model_fp16":
+            model = model.half()
+        folder = tmp_path / layout
+        model.save_pretrained(folder)
+        if layout == "bin":
+            torch.save(model.state_dict(), folder / "pytorch_model.bin")
+            (folder / "model.safetensors").unlink()
+        tiny_config.paths.clip_text = str(folder)
+    original = original_text_encoder_state(tiny_config)
+    assert isinstance(original, LazySafetensors) == (layout in ("text_model", "clip_model"))
+    loaded = CLIPTextModel.from_pretrained(tiny_config.paths.clip_text).state_dict()
+    assert set(original) == set(loaded)
+    for name, tensor in loaded.items():
+        assert original[name].dtype == tensor.dtype and torch.equal(original[name], tensor), name

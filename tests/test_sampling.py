@@ -13,12 +13,14 @@ from PIL import Image
 from libs.config import latent_shape
 from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
+from libs.precision import place_for_inference
 from libs.prompts import PromptFileError as SamplingInputError
 from libs.prompts import load_prompts, rewrite_prompt
-from libs.sampling import combine_joint, generate_images, load_pipeline, split_joint, t2i_sample
+from libs.sampling import (combine_joint, generate_images, load_pipeline, split_joint, t2i_sample,
+                           weight_sharing_copy)
 
 STEPS = 4
 BATCH = 2
@@ -223,3 +225,27 @@ def test_pipeline_merges_adapters_and_never_builds_gpt2(tiny_config, tmp_path):
         base = load_uvit(tiny_config)(*args)[0]
     assert torch.allclose(merged, unmerged, atol=1e-5)
     assert (merged - base).abs().max() > 1e-3
+
+
+def test_merging_onto_the_device_places_each_layer_for_inference(tiny_config):
+    """merge_lora with a dtype gives what merging in fp32 and then placing the whole model gives, layer by
+    layer: matmul weights in the low dtype, normalization weights and positions in fp32 (as autocast reads
+    them); the base model the copy shares its weights with is not touched."""
+    nnet = load_uvit(tiny_config)
+    add_lora(nnet, LoraSpec(r=2, alpha=4.0, target_modules=uvit_lora_modules(nnet)))
+    torch.manual_seed(0)
+    for name, param in nnet.named_parameters():
+        if "lora_B" in name:
+            param.data.normal_(0, 0.2)
+    before = {name: param.detach().clone() for name, param in nnet.named_parameters()}
+    placed, reference = weight_sharing_copy(nnet), weight_sharing_copy(nnet)
+    assert merge_lora(placed, "test", "cpu", torch.bfloat16) == merge_lora(reference, "test") > 0
+    place_for_inference(reference, "cpu", torch.bfloat16)
+    ours, theirs = dict(placed.named_parameters()), dict(reference.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(ours[k].dtype == theirs[k].dtype and torch.equal(ours[k], theirs[k]) for k in ours)
+    assert placed.in_blocks[0].attn.qkv.base_layer.weight.dtype == torch.bfloat16
+    assert placed.mid_block.skip_linear is None and placed.out_blocks[0].skip_linear.weight.dtype == torch.bfloat16
+    assert placed.in_blocks[0].norm2.weight.dtype == placed.pos_embed.dtype == torch.float32
+    assert all(torch.equal(param, before[name]) and param.dtype == torch.float32
+               for name, param in nnet.named_parameters())

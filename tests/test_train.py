@@ -369,3 +369,40 @@ def test_bad_input_is_refused_before_writing(tiny_config_file, photos, tmp_path,
         assert out.read_text() == "keep me"
     else:
         assert not out.exists()
+
+
+def test_a_checkpoint_written_in_the_background_holds_its_step(tmp_path):
+    """CheckpointWriter returns before the files are written; the checkpoint still holds the tensors and
+    optimizer state of the step it was asked for, although training changes them in place meanwhile, and a
+    failed write is raised by the next call."""
+    from libs.train.checkpoints import CheckpointError, CheckpointWriter, load_checkpoint
+
+    def fresh():
+        model = torch.nn.Linear(4, 3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def step(model, optimizer):
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer, scheduler = fresh()
+    step(model, optimizer)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    writer = CheckpointWriter()
+    writer.save(tmp_path, 1, model, optimizer, scheduler, None, {"recipe": {}}, keep=2)
+    for _ in range(3):
+        step(model, optimizer)
+    writer.wait()
+    restored, restored_optimizer, restored_scheduler = fresh()
+    load_checkpoint(list_checkpoints(tmp_path)[-1], restored, restored_optimizer, restored_scheduler, None)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in expected.items())
+    assert int(restored_optimizer.state_dict()["state"][0]["step"]) == 1
+
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a folder")
+    writer.save(blocked, 2, model, optimizer, scheduler, None, {"recipe": {}}, keep=2)
+    with pytest.raises(CheckpointError, match="cannot write the checkpoint of step 2"):
+        writer.wait()
+    writer.wait()  # the error is raised once

@@ -3,7 +3,12 @@ the official pickles (strict, `weights_only`, memory-mapped, built on the `meta`
 parameters are never randomly initialised first), the CLIP towers from Hugging Face folders.
 
 The VAE file is in the LDM layout and the network is diffusers': diffusers' own conversion reads it
-(checked to use every key), `autoencoder_ldm_state` writes a model back in that layout.
+(checked to use every key), `autoencoder_ldm_state` writes a model back in that layout. diffusers is
+imported only when a VAE is built (~1.2 s: its autoencoder package imports every autoencoder and UNet
+block), so programs that never build one (score.py, the tools) do not pay for it.
+
+The originals the changed-parameter count compares with (spec §7) are read from their files tensor by
+tensor (`original_*_state`), never as a second model in memory.
 
 Paths come from the config, already absolute (libs/config.py); hub ids are used only when the local
 folder is absent and the config names one.
@@ -14,21 +19,23 @@ import pickle
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import ml_collections
 import torch
-from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING, convert_ldm_vae_checkpoint
-from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import logging as hf_logging
 
-from libs.checkpoint import DOWNLOAD_HINT, CheckpointError, key_mismatches, load_strict, load_torch_state_dict
+from libs.checkpoint import (DOWNLOAD_HINT, CheckpointError, LazySafetensors, key_mismatches, load_strict,
+                             load_torch_state_dict, safetensors_files)
 from libs.config import EXTRA_MODELS_ENV, hub_offline
 from libs.download import resolve_pretrained
-from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPImageEncoder, CLIPTextEncoder
 from libs.models.uvit import UViT
+
+if TYPE_CHECKING:
+    from libs.models.autoencoder import AutoencoderKL
 
 CAPTION_DECODER_PREFIX = "module."  # the official caption_decoder.pth was saved from a DataParallel wrapper
 CAPTION_PREFIX_LAYERS = ("encode_prefix", "decode_prefix")
@@ -79,6 +86,8 @@ def load_uvit(config: ml_collections.ConfigDict, device: str | torch.device = "c
 
 def build_autoencoder(config: ml_collections.ConfigDict, device: str | torch.device = "cpu") -> AutoencoderKL:
     """A VAE with the architecture in `config.autoencoder` (uninitialized when on meta)."""
+    from libs.models.autoencoder import AutoencoderKL
+
     with torch.device(device):
         return AutoencoderKL(**config.autoencoder.to_dict())
 
@@ -97,6 +106,8 @@ _LDM_ORDER = ("encoder.conv_in", "encoder.down", "encoder.mid.block_1", "encoder
 def _ldm_key(name: str, levels: int) -> str:
     """One diffusers VAE parameter name -> its name in the official LDM file (the inverse of
     diffusers' `convert_ldm_vae_checkpoint`). Decoder levels count the other way round in LDM."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
     if name in DIFFUSERS_TO_LDM_MAPPING["vae"]:
         return DIFFUSERS_TO_LDM_MAPPING["vae"][name]
     name = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", name)
@@ -130,6 +141,13 @@ def _ldm_rank(key: str) -> tuple[int, int]:
     group = next((i for i, prefix in enumerate(_LDM_ORDER) if key.startswith(prefix + ".")), len(_LDM_ORDER))
     level = re.match(r"(?:encoder\.down|decoder\.up)\.(\d+)\.", key)
     return group, int(level[1]) if level else 0
+
+
+def convert_ldm_vae_checkpoint(state: dict[str, torch.Tensor], vae_config: Mapping) -> dict[str, torch.Tensor]:
+    """diffusers' own LDM -> diffusers VAE conversion (imported on first use)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint as convert
+
+    return convert(state, vae_config)
 
 
 def autoencoder_state_from_ldm(model: AutoencoderKL, state: Mapping[str, torch.Tensor],
@@ -170,9 +188,12 @@ def load_autoencoder(config: ml_collections.ConfigDict, device: str | torch.devi
 
 
 def original_autoencoder_state(config: ml_collections.ConfigDict) -> dict[str, torch.Tensor]:
-    """A fresh copy of the VAE's weights under the sampling model's parameter names: the reference for the
-    changed-parameter count (spec §7)."""
-    return load_autoencoder(config).state_dict()
+    """The VAE's weights as in its file, under the sampling model's parameter names: the reference for the
+    changed-parameter count (spec §7). Memory-mapped and converted by name (no second model is built)."""
+    path = Path(config.paths.autoencoder)
+    model = build_autoencoder(config, "meta")
+    state = autoencoder_state_from_ldm(model, load_torch_state_dict(path, "autoencoder checkpoint"), path)
+    return {f"vae.{name}": tensor for name, tensor in state.items()}
 
 
 # --- the caption decoder's prefix ----------------------------------------------------------------
@@ -238,9 +259,39 @@ def load_text_encoder(config: ml_collections.ConfigDict, device: str | torch.dev
     return _frozen(encoder, device)
 
 
-def original_text_encoder_state(config: ml_collections.ConfigDict) -> dict[str, torch.Tensor]:
-    """A fresh copy of the text encoder's weights: the reference for the changed-parameter count."""
-    return _from_pretrained(CLIPTextModel, text_encoder_source(config), "CLIP text encoder").state_dict()
+def original_text_encoder_state(config: ml_collections.ConfigDict) -> Mapping[str, torch.Tensor]:
+    """The text encoder's weights as in its folder: the reference for the changed-parameter count.
+
+    From a local safetensors folder each tensor is read only when compared (`LazySafetensors`), under the
+    names of a `CLIPTextModel` (a full CLIPModel folder stores them under `text_model.`, as transformers
+    maps them). A hub id, a `.bin` folder, or a folder that does not hold every parameter falls back to
+    loading the model the way `load_text_encoder` does, so the reference is the same either way."""
+    source = text_encoder_source(config)
+    lazy = _lazy_text_encoder_state(Path(source)) if Path(source).is_dir() else None
+    if lazy is not None:
+        return lazy
+    return _from_pretrained(CLIPTextModel, source, "CLIP text encoder").state_dict()
+
+
+def _lazy_text_encoder_state(folder: Path) -> LazySafetensors | None:
+    """The folder's tensors under CLIPTextModel's names, or None where from_pretrained could give other
+    values than the file holds (a missing or reshaped tensor, a dtype other than the config's)."""
+    files = safetensors_files(folder)
+    if not files:
+        return None
+    with quiet_transformers():
+        text_config = CLIPTextConfig.from_pretrained(str(folder))
+    with torch.device("meta"):
+        shapes = {name: tuple(p.shape) for name, p in CLIPTextModel(text_config).state_dict().items()}
+    dtype = text_config.dtype or torch.float32  # a CLIPModel folder's text config names none: fp32 only
+    stored = LazySafetensors(files)
+    names = {}
+    for name in shapes:
+        key = name if name in stored else f"text_model.{name}"
+        if key not in stored or stored.shape(key) != shapes[name] or stored.dtype(key) != dtype:
+            return None
+        names[name] = key
+    return LazySafetensors(files, names)
 
 
 def load_image_encoder(config: ml_collections.ConfigDict, device: str | torch.device = "cpu") -> CLIPImageEncoder:

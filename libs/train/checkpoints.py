@@ -7,12 +7,15 @@
 
 A checkpoint is written to a hidden temporary folder and renamed into place, so a listed checkpoint is
 always complete. A run resumes only with the recipe it was written with, apart from RESUMABLE_CHANGES.
+The training loop writes them through `CheckpointWriter`, off its critical path.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +52,35 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     """Trainable tensors, optimizer/scheduler/loss-scaler state and the recipe, written to a temporary
     folder and renamed into place; then all but the newest `keep` checkpoints are removed. A write that
     fails (a full disk) removes its temporary folder and says which checkpoint a resume would use."""
+    return _write_checkpoint(out_dir, step, _host_copy(model, optimizer, scheduler, scaler), state, keep)
+
+
+def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> dict[str, Any]:
+    """What a checkpoint holds, copied to the host now: later steps may change the originals in place."""
+    return {"weights": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
+            "rest": {"optimizer": _to_host(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
+                     "scaler": scaler.state_dict() if scaler is not None else None}}
+
+
+def _to_host(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: _to_host(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_host(item) for item in value)
+    return copy.deepcopy(value)
+
+
+def _write_checkpoint(out_dir: Path, step: int, contents: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
     folder = out_dir / CHECKPOINT_DIR
     final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
     tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_safetensors({n: p for n, p in model.named_parameters() if p.requires_grad}, tmp / CHECKPOINT_WEIGHTS)
-        save_torch({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / CHECKPOINT_OPTIMIZER)
+        save_safetensors(contents["weights"], tmp / CHECKPOINT_WEIGHTS)
+        save_torch(contents["rest"], tmp / CHECKPOINT_OPTIMIZER)
         save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
     except OSError as error:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -72,6 +95,51 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     for old in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+class CheckpointWriter:
+    """`save_checkpoint` off the training loop's critical path.
+
+    `save` copies the state to the host (the trained tensors and the optimizer state: a few hundred MB at
+    full size, a fraction of a second) and returns; a thread serializes and writes it while the next steps
+    run. One write at a time: `save` first waits for the previous one. A failed write raises its
+    CheckpointError (the synchronous one, unchanged) from the next `save` or from `wait`; `close` waits
+    without raising, for `finally` blocks. `background=False` writes inside `save`."""
+
+    def __init__(self, background: bool = True):
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+             scaler: Any, state: dict[str, Any], keep: int) -> None:
+        self.wait()
+        contents = _host_copy(model, optimizer, scheduler, scaler)
+        if not self.background:
+            _write_checkpoint(out_dir, step, contents, state, keep)
+            return
+
+        def write() -> None:
+            try:
+                _write_checkpoint(out_dir, step, contents, state, keep)
+            except BaseException as error:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = error
+
+        self._thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the pending write is done; raises its error, if it failed."""
+        self.close()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        """Until the pending write is done (its error is kept for `wait`)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
 
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:

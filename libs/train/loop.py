@@ -24,8 +24,8 @@ from libs.locks import claimed_folder
 from libs.personalization import save_personalization
 from libs.precision import autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, list_checkpoints, load_checkpoint, read_checkpoint_state,
-                                    recipe_differences, remove_checkpoints, save_checkpoint)
+from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
+                                    read_checkpoint_state, recipe_differences, remove_checkpoints)
 from libs.train.curves import CURVES_FILE, plot_curves
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
@@ -146,6 +146,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     batches = BatchMaker(data, cfg, models.autoencoder, seed, accelerator.process_index)
     validation = Validation(config, plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator,
                             score_fn, selection)
+    checkpoints = CheckpointWriter()  # writes in a thread while the next steps run
     try:
         if start_step == 0:
             validation(0)
@@ -169,22 +170,24 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 run_log.write(step, logs)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 if not math.isfinite(logs["loss"]):
-                    raise _diverged(plan, step, f"the loss became {logs['loss']}")
+                    raise _diverged(plan, step, f"the loss became {logs['loss']}", checkpoints)
             validate_now = step == cfg.train_step or (cfg.validation_steps and step % cfg.validation_steps == 0)
             checkpoint_now = step % cfg.checkpointing_steps == 0 or (step == cfg.train_step and cfg.keep_checkpoints)
             if (checkpoint_now or validate_now) and not all(bool(torch.isfinite(p).all()) for p in params):
-                raise _diverged(plan, step, "the trained weights hold NaN or inf values")
+                raise _diverged(plan, step, "the trained weights hold NaN or inf values", checkpoints)
             # validated before the checkpoint of the same step, so a checkpoint holds its step's scores
             if validate_now:
                 validation(step)
             if accelerator.is_main_process and checkpoint_now:
-                save_checkpoint(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
-                                {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
-                selection.prune()
+                checkpoints.save(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
+                                 {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
+                selection.prune()  # keeps what the checkpoints on disk and the one being written refer to
             if on_step is not None:
                 on_step(step, logs)
         bar.close()
+        checkpoints.wait()
     finally:
+        checkpoints.close()
         run_log.close()
 
     # the result: the chosen step's adapters as the personalization folder sample.py reads
@@ -207,8 +210,9 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files, record)
 
 
-def _diverged(plan: Plan, step: int, what: str) -> TrainingError:
+def _diverged(plan: Plan, step: int, what: str, checkpoints: CheckpointWriter) -> TrainingError:
     """Training cannot go on; say so, and which checkpoint is the last good one (nothing non-finite is saved)."""
+    checkpoints.close()
     kept = list_checkpoints(plan.out_dir)
     last = (f"the last good checkpoint is {kept[-1]} (`--resume latest` retries from it with the same settings)"
             if kept else "no checkpoint was written before it")

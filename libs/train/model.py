@@ -95,14 +95,16 @@ def build_models(config: ml_collections.ConfigDict, plan: Plan, device: torch.de
                 param.requires_grad_(True)
     elif mode == "full":
         text_encoder.transformer.requires_grad_(True)
+    # one conversion per tensor, straight to the device: the frozen weights (memory-mapped fp32) never exist
+    # as a second full copy in fp32 on the device nor in weight_dtype on the host
     for param in model.parameters():
-        param.data = param.data.to(torch.float32 if param.requires_grad else weight_dtype)
+        param.data = param.data.to(device, torch.float32 if param.requires_grad else weight_dtype)
+    model.to(device)  # buffers
     if weight_dtype != torch.float32:
         # autocast runs the LoRA matmuls in weight_dtype anyway: skip peft's fp32 copy of every LoRA input
         for module in model.modules():
             if isinstance(module, LoraLayer):
                 module.cast_input_dtype_enabled = False
-    model.to(device)
     if cfg.compile:
         nnet.compile()
     autoencoder = load_autoencoder(config, device, torch.float32)

@@ -13,10 +13,13 @@ from torch import nn
 SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
 
 
-def make_optimizer(trainable: Sequence[tuple[str, nn.Parameter]],
-                   cfg: ml_collections.ConfigDict) -> torch.optim.Optimizer:
+def make_optimizer(trainable: Sequence[tuple[str, nn.Parameter]], cfg: ml_collections.ConfigDict,
+                   fused: bool | None = None) -> torch.optim.Optimizer:
     """AdamW over the (name, parameter) pairs that train: U-ViT LoRA at `lr`; the text side at `text_lr`,
-    the token rows without weight decay (decay would pull an embedding out of the vocabulary's range)."""
+    the token rows without weight decay (decay would pull an embedding out of the vocabulary's range).
+
+    `fused` (default: when every trained tensor is on a CUDA device): one kernel per step for all of them
+    instead of a chain of multi-tensor ops. The state it keeps is the same, so checkpoints resume either way."""
     groups: dict[str, dict[str, Any]] = {
         "uvit": {"params": [], "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         "token": {"params": [], "lr": cfg.text_lr, "weight_decay": 0.0},
@@ -25,7 +28,10 @@ def make_optimizer(trainable: Sequence[tuple[str, nn.Parameter]],
     for name, param in trainable:
         key = "uvit" if name.startswith("nnet.") else "token" if name.endswith("extra_weight") else "text"
         groups[key]["params"].append(param)
-    return torch.optim.AdamW([g for g in groups.values() if g["params"]], betas=(0.9, 0.999), eps=1e-8)
+    if fused is None:
+        fused = bool(trainable) and all(param.device.type == "cuda" for _, param in trainable)
+    return torch.optim.AdamW([g for g in groups.values() if g["params"]], betas=(0.9, 0.999), eps=1e-8,
+                             fused=fused or None)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ml_collections.ConfigDict) -> Any:
