@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bench.bench_training import CLASS_WORD, DEFAULT, TOKEN, make_step, synthetic_images, train_dtype
+from bench.bench_training import CLASS_WORD, DEFAULT, TOKEN, TrainStep, synthetic_images, train_dtype
 from bench.common import (bench_config, common_parser, fmt_float, fmt_str, gib, interleaved_runs, median, print_table,
                           random_checkpoints, size_summary, start, timing_fields, write_result, write_scorer_clip)
 from libs.config import DEFAULT_CONFIG, load_config
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         validation = Validation(config, plan, models.model, models.autoencoder, dtype, data, run_log,
                                 OneProcess(device), scorer, Selection(out, "best", cfg.objective))
         validated = itertools.count(1)
-        runs = {"train_step": make_step(DEFAULT, models, data, cfg, device, int(config.seed)),
+        runs = {"train_step": TrainStep(DEFAULT, models, data, cfg, device, int(config.seed)),
                 "validation": lambda: validation(next(validated))}
         measured = interleaved_runs(runs, device, args.repeats, args.warmup)
         run_log.close()
