@@ -88,3 +88,13 @@ def public_photos() -> dict[str, Image.Image]:
     """Public-domain portraits (astronaut: Eileen Collins, NASA; Grace Hopper, US Navy) and CC0
     `camera` (a person with no detectable frontal face)."""
     return {"astronaut": _astronaut(), "grace_hopper": _grace_hopper(), "camera": _camera()}
+
+
+@pytest.fixture()
+def photos(tmp_path: Path, public_photos: dict[str, Image.Image]) -> Path:
+    """A subject folder `train_data/boy1` with two public-domain portraits (one .jpg, one .jpeg)."""
+    folder = tmp_path / "train_data" / "boy1"
+    folder.mkdir(parents=True)
+    public_photos["astronaut"].save(folder / "astronaut.jpg", quality=95)
+    public_photos["grace_hopper"].save(folder / "grace_hopper.jpeg", quality=95)
+    return folder

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 import train as train_script
-from entrypoints import run_entry
-from libs.config import REPO_ROOT
+from entrypoints import run_entry, script_repo
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE, plan_candidates
@@ -133,13 +132,7 @@ def main_exit(config, photos: Path, out: Path) -> int:
 
 @pytest.mark.slow
 def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file, public_photos):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("libs", "configs"):
-        (repo / name).symlink_to(REPO_ROOT / name)
-    for name in ("train.py", "train.sh"):
-        (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
-    (repo / "train.sh").chmod(0o755)
+    repo = script_repo(tmp_path / "repo")
     for name in ("boy1", "boy2", "girl1", "girl2"):
         (repo / "train_data" / name).mkdir(parents=True)
         public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")

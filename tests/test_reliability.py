@@ -40,15 +40,6 @@ class Evil:
 
 
 @pytest.fixture()
-def photos(tmp_path, public_photos) -> Path:
-    folder = tmp_path / "train_data" / "boy1"
-    folder.mkdir(parents=True)
-    public_photos["astronaut"].save(folder / "a.jpg")
-    public_photos["grace_hopper"].save(folder / "b.jpg")
-    return folder
-
-
-@pytest.fixture()
 def prompts(tmp_path) -> Path:
     path = tmp_path / "prompts.json"
     path.write_text(json.dumps(PROMPTS))

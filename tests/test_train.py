@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import train as train_script
-from entrypoints import run_entry
+from entrypoints import run_entry, script_repo
 from libs.checkpoint import load_safetensors
 from libs.class_set import write_class_set
 from libs.config import REPO_ROOT, load_config
@@ -30,15 +30,6 @@ from libs.prompts import fill_prompt
 from libs.subjects import class_word_from_path
 from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
                         build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
-
-
-@pytest.fixture()
-def photos(tmp_path, public_photos) -> Path:
-    folder = tmp_path / "train_data" / "boy1"
-    folder.mkdir(parents=True)
-    public_photos["astronaut"].save(folder / "astronaut.jpg", quality=95)
-    public_photos["grace_hopper"].save(folder / "grace_hopper.jpeg", quality=95)
-    return folder
 
 
 @pytest.fixture()
@@ -297,13 +288,7 @@ def test_two_processes_with_gloo(tmp_path, tiny_config_file, tiny_config, photos
 def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, public_photos):
     """From another working directory; crops preferred over raw photos; stops at the first failure; a re-run
     skips finished subjects; extra flags reach train.py."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("libs", "configs"):
-        (repo / name).symlink_to(REPO_ROOT / name)
-    for name in ("train.py", "train.sh"):
-        (repo / name).write_bytes((REPO_ROOT / name).read_bytes())
-    (repo / "train.sh").chmod(0o755)
+    repo = script_repo(tmp_path / "repo")
 
     def subject(folder: Path) -> None:
         folder.mkdir(parents=True)

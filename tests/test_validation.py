@@ -22,15 +22,6 @@ from libs.train import metrics as metrics_module
 from libs.train.selection import CANDIDATE_DIR, SelectionError, candidate_files
 
 
-@pytest.fixture()
-def photos(tmp_path, public_photos) -> Path:
-    folder = tmp_path / "train_data" / "boy1"
-    folder.mkdir(parents=True)
-    public_photos["astronaut"].save(folder / "astronaut.jpg", quality=95)
-    public_photos["grace_hopper"].save(folder / "grace_hopper.jpeg", quality=95)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def positive_clip_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny CLIP ViT-B/32 with its text projection negated: its text/image cosines become positive (the
