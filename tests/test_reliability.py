@@ -401,3 +401,19 @@ def test_grid_and_images_are_valid_after_a_normal_run(tmp_path, tiny_config_file
                                                           + ["grid.jpg"])
     with Image.open(out / "grid.jpg") as grid:
         grid.load()
+
+
+def test_prompts_over_77_tokens_are_reported(tmp_path, tiny_config_file, photos, restore, capsys):
+    """CLIP reads 77 tokens: sample.py and train.py say so instead of cutting the rest silently."""
+    long_prompt = "a boy " + "wearing a very long red scarf and " * 12 + "smiling"
+    prompts = tmp_path / "long.json"
+    prompts.write_text(json.dumps(["a boy smiling", long_prompt]))
+    assert run_entry(sample, sample_args(tiny_config_file, restore, prompts, tmp_path / "out", "--n_samples", "1")) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: prompt 1 is \d+ CLIP tokens; the text encoder reads the first 77", err), err
+    assert "prompt 0 is" not in err
+
+    code = run_entry(train, train_args(tiny_config_file, photos, tmp_path / "run", "--train_step", "1",
+                                       "--instance_prompt", "{token} {class_word} " + "in a garden " * 30))
+    assert code == 0
+    assert re.search(r"warning: the prompt .* is \d+ CLIP tokens; training reads the first 77", capsys.readouterr().out)
