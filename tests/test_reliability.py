@@ -3,6 +3,7 @@
 file system is left as documented (no debris, nothing lost or silently overwritten)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -21,6 +22,7 @@ from PIL import Image
 import sample
 import train
 from entrypoints import run_entry
+from libs.checkpoint import cached_sha256, hash_cache_dir
 from libs.config import REPO_ROOT
 from libs.personalization import META_FILE
 from libs.photos import image_is_complete
@@ -417,3 +419,24 @@ def test_prompts_over_77_tokens_are_reported(tmp_path, tiny_config_file, photos,
                                        "--instance_prompt", "{token} {class_word} " + "in a garden " * 30))
     assert code == 0
     assert re.search(r"warning: the prompt .* is \d+ CLIP tokens; training reads the first 77", capsys.readouterr().out)
+
+
+def test_a_read_only_model_folder_is_hashed_once(tmp_path, monkeypatch):
+    """The graders' models/ is mounted read-only: the base checkpoint's hash is remembered in the user's
+    cache instead of next to the file, and used while the file's size and mtime match."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with tmpfs(tmp_path / "models", "size=1m") as models:
+        weights = models / "uvit_v1.pth"
+        weights.write_bytes(os.urandom(300_000))
+        subprocess.run(["mount", "-o", "remount,ro", str(models)], check=True)
+        digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+        assert cached_sha256(weights) == digest
+        assert not (models / "uvit_v1.pth.sha256").exists()
+        [entry] = list(hash_cache_dir().iterdir())
+        assert hash_cache_dir().is_relative_to(tmp_path / "cache")
+
+        remembered = json.loads(entry.read_text())
+        entry.write_text(json.dumps({**remembered, "sha256": "0" * 64}))
+        assert cached_sha256(weights) == "0" * 64  # read from the cache, not hashed again
+        entry.write_text(json.dumps({**remembered, "sha256": "0" * 64, "mtime_ns": remembered["mtime_ns"] + 1}))
+        assert cached_sha256(weights) == digest  # a changed file is hashed again

@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from libs.checkpoint import CheckpointError, file_sha256, load_safetensors, save_safetensors
+from libs.checkpoint import CheckpointError, cached_sha256, file_sha256, load_safetensors, save_safetensors
 from libs.config import LATENT_FACTOR
 from libs.models.clip import CLIPTextEncoder, clip_image_preprocess
 from libs.models.loading import image_encoder_source, load_image_encoder
 from libs.train.images import TrainImage
 from libs.train.model import JointNoisePredictor, Models
 from libs.train.plan import Plan
-from libs.train.records import cached_sha256
 
 CACHE_VERSION = 1  # bump when the encoding below changes, so old disk-cache entries are not reused
 

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from libs import personalization
-from libs.checkpoint import atomic_path, file_sha256, save_json
+from libs.checkpoint import atomic_path, cached_sha256, save_json
 from libs.config import REPO_ROOT
 from libs.train.checkpoints import remove_checkpoints
 from libs.train.curves import CURVES_FILE
@@ -73,25 +73,6 @@ def write_run_file(plan: Plan, accelerator: Any, trainable: int, sources: list[d
                "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
                "trainable_parameters": trainable, "images": sources, "command": sys.argv,
                "versions": package_versions()}, plan.out_dir / RUN_FILE)
-
-
-def cached_sha256(path: str | Path) -> str:
-    """sha256 of a (large) file, remembered in `<file>.sha256` next to it while size and mtime match."""
-    path = Path(path)
-    stat = path.stat()
-    sidecar = path.with_name(path.name + ".sha256")
-    try:
-        known = json.loads(sidecar.read_text())
-        if known["size"] == stat.st_size and known["mtime_ns"] == stat.st_mtime_ns:
-            return known["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    digest = file_sha256(path)
-    try:
-        save_json({"sha256": digest, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}, sidecar)
-    except OSError:
-        pass  # a read-only model folder: hash again next time
-    return digest
 
 
 def package_versions() -> dict[str, str]:
