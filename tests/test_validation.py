@@ -7,6 +7,7 @@ import json
 from copy import deepcopy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,6 +17,9 @@ import score
 from libs.checkpoint import load_safetensors
 from libs.face import FaceModelMissing
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
+from libs.photos import open_image
+from libs.sample_files import save_jpeg
+from libs.sampling import load_pipeline
 from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, METRICS, VALIDATION_DIR, MetricScorer, Objective, Rendered,
                         TrainingError, ValidationScores, list_checkpoints, make_plan, train)
 from libs.train import metrics as metrics_module
@@ -112,6 +116,34 @@ def test_logged_scores_equal_score_py_on_the_saved_images(tiny_config, photos, p
             assert grid.format == "JPEG" and grid.size == (48 + 3 * 256, 2 * 256)  # sim and edit rows, 3 images
             grid.verify()
     assert not (out / CANDIDATE_DIR).exists()
+
+
+def test_validation_images_are_what_sample_py_renders_from_the_step(tiny_config, photos, tmp_path):
+    """The validated step's images are the ones its adapters give in sample.py's pipeline (same prompts, noise
+    and solver steps), also with `empty_token` guidance while the text encoder trains: the empty prompt's
+    encoding is the step's, not the first validation's."""
+    config = configured(tiny_config, text_encoder_mode="lora", text_lr=1e-2, train_step=2, validation_steps=1,
+                        validation_images=1, selection="last")
+    config.sample.cfg_mode = "empty_token"
+    rendered: dict[int, Rendered] = {}
+
+    def keep(step_images: Rendered) -> ValidationScores:
+        rendered[step_images.step] = step_images
+        return ValidationScores({metric: 0.0 for metric in METRICS}, "test", True)
+
+    out = tmp_path / "out"
+    train(config, photos, out, score_fn=keep)
+    last = rendered[2]
+    vset = last.validation_set
+    items = vset.items()
+    pipeline = load_pipeline(config, "cpu", out)
+    images = pipeline.generate([item.sampled for item in items], [vset.generator(item) for item in items],
+                               steps=int(config.train.validation_sample_steps))
+    for item, image in zip(items, images):
+        save_jpeg(image, tmp_path / "sampled.jpg")
+        sampled = np.asarray(open_image(tmp_path / "sampled.jpg"), dtype=np.float32)
+        validated = np.asarray(last.images[item.split][item.index][item.idx], dtype=np.float32)
+        assert np.abs(sampled - validated).mean() < 0.05, item  # a stale empty prompt: ~0.5 per pixel
 
 
 # --- selection ------------------------------------------------------------------------------------

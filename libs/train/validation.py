@@ -90,7 +90,6 @@ class Validation:
         self.metric = bool(config.train.validation_steps) and score_fn is not None
         self.validation_set = ValidationSet.from_config(config, plan.data_dir.name, plan.token, plan.class_word)
         self.folder = plan.out_dir / VALIDATION_DIR
-        self._pipeline: T2IPipeline | None = None
 
     def __call__(self, step: int) -> None:
         accelerator = self.accelerator
@@ -132,7 +131,7 @@ class Validation:
         model.eval()
         images: list[Image.Image] = []
         with autocast(self.accelerator.device, self.weight_dtype):
-            pipeline = self._pipeline or self._build_pipeline()
+            pipeline = self._pipeline()
             size = int(cfg.validation_batch_size)
             for start in range(0, len(items), size):
                 chunk = items[start:start + size]
@@ -153,12 +152,13 @@ class Validation:
         self.run_log.image("validation", grid, step)
         return Rendered(step, self.plan.data_dir, step_dir, vset, decoded)
 
-    def _build_pipeline(self) -> T2IPipeline:
+    def _pipeline(self) -> T2IPipeline:
+        """The sampler on the models as they are now: the empty prompt's encoding (`empty_token` guidance)
+        is taken afresh, since a trained text encoder changes it from one validation to the next."""
         model = self.model
         with torch.no_grad():
             empty = model.encode_text(model.text_encoder.tokenize([""]).to(self.accelerator.device))[0]
-        self._pipeline = TrainingPipeline(
+        return TrainingPipeline(
             config=self.config, nnet=model.nnet, autoencoder=self.autoencoder, text_encoder=model.text_encoder,
             caption_decoder=model.caption_prefix, device=self.accelerator.device, personalization=None,
             finetuned_parameters=None, empty_text=empty, weight_dtype=self.weight_dtype)
-        return self._pipeline
