@@ -22,10 +22,12 @@ if ! command -v "$ACCELERATE" >/dev/null 2>&1; then
     fi
 fi
 
-# the subjects come from libs/subjects.py, read with the python that runs train.py (the one beside accelerate)
+# the subjects and their class words come from libs/subjects.py, read with the python that runs train.py
+# (the one beside accelerate): "boy1:boy boy2:boy girl1:girl girl2:girl"
 PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-if ! subjects=$("$PYTHON" -c 'from libs.subjects import SUBJECTS; print(*SUBJECTS)'); then
+if ! subjects=$("$PYTHON" -c 'from libs.subjects import SUBJECTS, class_word_from_path as word
+print(*(f"{name}:{word(name)}" for name in SUBJECTS))'); then
     echo "train.sh: cannot read the subject list from libs/subjects.py with $PYTHON (set PYTHON=/path/to/python)" >&2
     exit 1
 fi
@@ -37,14 +39,15 @@ for arg in "$@"; do
     esac
 done
 
-for name in $subjects; do
+for subject in $subjects; do
+    name=${subject%%:*}
+    class_word=${subject#*:}
     data="train_data_crop/$name"
     [ -d "$data" ] || data="train_data/$name"
     if [ ! -d "$data" ]; then
         echo "train.sh: no photos for $name (looked in train_data_crop/$name and train_data/$name)" >&2
         exit 1
     fi
-    case "$name" in boy*) class_word=boy ;; *) class_word=girl ;; esac
     if [ -d "class_data/$class_word" ]; then
         prior=(--class_data_dir "class_data/$class_word")
     else

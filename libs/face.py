@@ -28,10 +28,19 @@ INSIGHTFACE_MODEL = "buffalo_l"
 INSIGHTFACE_HOME = "~/.insightface"  # insightface's own default
 
 
+def insightface_model_dir(root: str | Path, model_name: str = INSIGHTFACE_MODEL) -> Path:
+    """Where `FaceAnalysis(name, root)` looks for the model pack's *.onnx files."""
+    return Path(root).expanduser() / "models" / model_name
+
+
+def insightface_models_present(root: str | Path, model_name: str = INSIGHTFACE_MODEL) -> bool:
+    return any(insightface_model_dir(root, model_name).glob("*.onnx"))
+
+
 def default_insightface_root() -> str:
     """$UNIDIFFUSER_EXTRA_MODELS/insightface when it holds the model pack (the submission image), else ~/.insightface."""
     extra = extra_models_dir()
-    if extra is not None and any((extra / "insightface" / "models" / INSIGHTFACE_MODEL).glob("*.onnx")):
+    if extra is not None and insightface_models_present(extra / "insightface"):
         return str(extra / "insightface")
     return INSIGHTFACE_HOME
 
@@ -99,16 +108,7 @@ def _check_rgb(image: np.ndarray) -> np.ndarray:
 
 # --- insightface ---------------------------------------------------------------------------------
 
-def insightface_model_dir(root: str | Path = INSIGHTFACE_ROOT, model_name: str = INSIGHTFACE_MODEL) -> Path:
-    """Where `FaceAnalysis(name, root)` looks for the model pack's *.onnx files."""
-    return Path(root).expanduser() / "models" / model_name
-
-
-def insightface_models_present(root: str | Path = INSIGHTFACE_ROOT, model_name: str = INSIGHTFACE_MODEL) -> bool:
-    return any(insightface_model_dir(root, model_name).glob("*.onnx"))
-
-
-def insightface_missing_message(root: str | Path = INSIGHTFACE_ROOT, model_name: str = INSIGHTFACE_MODEL) -> str:
+def insightface_missing_message(root: str | Path, model_name: str = INSIGHTFACE_MODEL) -> str:
     folder = insightface_model_dir(root, model_name)
     return (
         f"insightface model pack {model_name!r} not found: no *.onnx files in {folder}\n"

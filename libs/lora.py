@@ -88,6 +88,14 @@ class LoraSpec:
         return total
 
 
+def require_targets(model: nn.Module, spec: LoraSpec, source: str | Path) -> None:
+    """Every module a stored LoRA adapts exists in `model`; else a CheckpointError naming `source`."""
+    known = dict(model.named_modules())
+    absent = [name for name in spec.target_modules if name not in known]
+    if absent:
+        raise CheckpointError(f"{source} adapts modules this model does not have: {absent[:4]}")
+
+
 def add_lora(model: nn.Module, spec: LoraSpec, for_loading: bool = False) -> nn.Module:
     """Inject peft LoRA layers in place (the model keeps its class and forward signature).
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from libs.checkpoint import CheckpointError, load_safetensors, save_json, save_safetensors
-from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict
+from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
 
 FORMAT = "unidiffuser-personalization"
@@ -229,10 +229,7 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
         text_encoder.transformer.load_state_dict(state, strict=False, assign=True)  # never into shared base storage
     if meta.get("uvit_lora"):
         spec = LoraSpec.from_dict(meta["uvit_lora"])
-        known = dict(nnet.named_modules())
-        absent = [m for m in spec.target_modules if m not in known]
-        if absent:
-            raise CheckpointError(f"{restore_path / META_FILE} targets modules the U-ViT does not have: {absent[:4]}")
+        require_targets(nnet, spec, restore_path / META_FILE)
         add_lora(nnet, spec, for_loading=True)
         load_lora_state(nnet, load_safetensors(restore_path / UVIT_LORA_FILE, "U-ViT LoRA"), restore_path / UVIT_LORA_FILE,
                         assign=True)

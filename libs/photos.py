@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -18,6 +18,9 @@ from libs.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 CROPS_FILE = "crops.json"  # written by tools/crop.py beside the crops; face boxes in the crops' pixels
 MASKS_FOLDER = "masks"  # person masks beside the crops, in a subfolder so no photo listing sees them
+
+UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError)
+"""What PIL raises for a file that is not a whole, decodable image."""
 
 Box = tuple[float, float, float, float]
 """x0, y0, x1, y1 in pixels."""
@@ -59,7 +62,7 @@ def open_image(path: str | Path, min_side: int = 1) -> Image.Image:
         with Image.open(path) as raw:
             raw.load()
             image = ImageOps.exif_transpose(raw)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as error:
+    except UNREADABLE as error:
         raise PhotoError(f"cannot read image {path}: {error}") from error
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -77,7 +80,7 @@ def image_is_complete(path: str | Path) -> bool:
         with Image.open(path) as image:
             image.load()
         return True
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError):
+    except UNREADABLE:
         return False
 
 
@@ -111,32 +114,22 @@ def read_crops_record(folder: Path) -> dict[str, Any] | None:
     return data
 
 
+def _crop_entries(folder: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(crop file name, its entry) for every entry of the folder's `crops.json` whose crop exists."""
+    for entry in (read_crops_record(folder) or {}).get("photos", {}).values():
+        if isinstance(entry, dict) and isinstance(entry.get("output"), str) and (folder / entry["output"]).is_file():
+            yield entry["output"], entry
+
+
 def face_boxes(folder: str | Path) -> dict[str, Box]:
     """{crop file name: face box in that file's pixels} from the folder's `crops.json` (empty without one)."""
-    folder = Path(folder)
-    data = read_crops_record(folder)
-    boxes: dict[str, Box] = {}
-    for entry in (data or {}).get("photos", {}).values():
-        if not isinstance(entry, dict):
-            continue
-        output, box = entry.get("output"), entry.get("face_box")
-        if output and isinstance(box, list) and len(box) == 4 and (folder / output).is_file():
-            boxes[output] = tuple(float(v) for v in box)
-    return boxes
+    return {output: tuple(float(v) for v in entry["face_box"]) for output, entry in _crop_entries(Path(folder))
+            if isinstance(entry.get("face_box"), list) and len(entry["face_box"]) == 4}
 
 
 def person_masks(folder: str | Path) -> dict[str, Path]:
     """{crop file name: its person mask} from the folder's `crops.json`, for crops and masks that exist
     (empty without background removal or without a `crops.json`)."""
     folder = Path(folder)
-    data = read_crops_record(folder)
-    masks: dict[str, Path] = {}
-    for entry in (data or {}).get("photos", {}).values():
-        if not isinstance(entry, dict):
-            continue
-        output, mask = entry.get("output"), entry.get("mask")
-        if not (isinstance(output, str) and isinstance(mask, str)):
-            continue
-        if (folder / output).is_file() and (folder / mask).is_file():
-            masks[output] = folder / mask
-    return masks
+    return {output: folder / entry["mask"] for output, entry in _crop_entries(folder)
+            if isinstance(entry.get("mask"), str) and (folder / entry["mask"]).is_file()}

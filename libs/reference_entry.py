@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from libs.checkpoint import CheckpointError, safe_torch_load
-from libs.lora import LoraSpec, add_lora, load_lora_state
+from libs.lora import LoraSpec, add_lora, load_lora_state, require_targets
 from libs.models.clip import CLIPTextEncoder
 from libs.personalization import Personalization
 
@@ -103,10 +103,7 @@ def load_reference_entry(restore_path: Path, nnet: nn.Module, text_encoder: CLIP
     lora_file = _reference_lora_file(restore_path)
     if lora_file is not None:
         spec, state = _reference_lora(lora_file, restore_path)
-        known = dict(nnet.named_modules())
-        absent = [m for m in spec.target_modules if m not in known]
-        if absent:
-            raise CheckpointError(f"{lora_file} adapts modules this U-ViT does not have: {absent[:4]}")
+        require_targets(nnet, spec, lora_file)
         add_lora(nnet, spec, for_loading=True)
         load_lora_state(nnet, state, lora_file, assign=True)
         meta["uvit_lora"] = spec.to_dict()

@@ -18,8 +18,9 @@ from pathlib import Path
 import ml_collections
 
 from libs.config import REPO_ROOT
+from libs.download import local_model_folder
 from libs.errors import UserError
-from libs.face import INSIGHTFACE_MODEL, insightface_model_dir
+from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
 from libs.personalization import check_restore_path
 from libs.subjects import SUBJECTS
 
@@ -65,11 +66,10 @@ class SubmissionPlan:
 
 
 def _local_model_folder(local: str, what: str, problems: list[str]) -> Path | None:
-    folder = Path(local)
-    if not (folder / "config.json").is_file():
-        problems.append(f"{what}: no local copy at {folder} (the image cannot download it): "
+    folder = local_model_folder(local)
+    if folder is None:
+        problems.append(f"{what}: no local copy at {Path(local)} (the image cannot download it): "
                         "run `python tools/download.py` first")
-        return None
     return folder
 
 
@@ -92,7 +92,7 @@ def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_ro
         if folder is not None:
             models.append((folder, stage / folder.name))
     pack = insightface_model_dir(insightface_root)
-    if not any(pack.glob("*.onnx")):
+    if not insightface_models_present(insightface_root):
         problems.append(f"insightface {INSIGHTFACE_MODEL}: no *.onnx in {pack} (pass --insightface_root, or let "
                         "insightface fetch it once: see `python score.py --help`)")
     else:

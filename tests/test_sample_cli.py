@@ -243,6 +243,21 @@ def wrong_shapes(folder: Path, tiny_config) -> None:
     save_file(state, folder / "uvit_lora.safetensors")
 
 
+def foreign_targets(folder: Path, tiny_config) -> None:
+    """personalization.json names a LoRA target this U-ViT does not have (a deeper base model's block)."""
+    meta = json.loads((folder / "personalization.json").read_text())
+    meta["uvit_lora"]["target_modules"].append("in_blocks.99.attn.qkv")
+    (folder / "personalization.json").write_text(json.dumps(meta))
+
+
+def reference_foreign_targets(folder: Path, tiny_config) -> None:
+    shutil.rmtree(folder)
+    reference_entry(tiny_config, folder)
+    state = torch.load(folder / "lora.pt.tmp", weights_only=True)
+    state = {k.replace(".in_blocks.0.", ".in_blocks.99."): v for k, v in state.items()}
+    torch.save(state, folder / "lora.pt.tmp")
+
+
 def reference_wrong_rank(folder: Path, tiny_config) -> None:
     """lora_A says rank 2, lora_B was saved for rank 4."""
     shutil.rmtree(folder)
@@ -279,6 +294,8 @@ def reference_unreadable(folder: Path, tiny_config) -> None:
     (corrupt, "cannot read U-ViT LoRA"),
     (wrong_shapes, "does not fit this base model"),
     (reference_wrong_rank, "does not fit this base model"),
+    (foreign_targets, "personalization.json adapts modules this model does not have: ['in_blocks.99.attn.qkv']"),
+    (reference_foreign_targets, "lora.pt.tmp adapts modules this model does not have: ['in_blocks.99."),
     (reference_mixed_rank, "different ranks"),
     (reference_unreadable, "cannot read token embedding"),
     (reference_token_clash, "cannot add token 'boy'"),

@@ -177,22 +177,25 @@ def _root(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor._base is None else tensor._base
 
 
+def _autoencoder_file(config: ml_collections.ConfigDict) -> tuple[AutoencoderKL, dict[str, torch.Tensor], Path]:
+    """A meta-device VAE of `config.autoencoder` and the file's weights (memory-mapped) in its names."""
+    path = Path(config.paths.autoencoder)
+    model = build_autoencoder(config, "meta")
+    return model, autoencoder_state_from_ldm(model, load_torch_state_dict(path, "autoencoder checkpoint"), path), path
+
+
 def load_autoencoder(config: ml_collections.ConfigDict, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     """`config.autoencoder` strictly loaded from the LDM-layout `config.paths.autoencoder`, frozen for inference."""
-    path = Path(config.paths.autoencoder)
-    model = build_autoencoder(config, "meta")
-    state = autoencoder_state_from_ldm(model, load_torch_state_dict(path, "autoencoder checkpoint"), path)
+    model, state, path = _autoencoder_file(config)
     load_strict(model.vae, state, path)
     return _frozen(model, device, dtype)
 
 
 def original_autoencoder_state(config: ml_collections.ConfigDict) -> dict[str, torch.Tensor]:
     """The VAE's weights as in its file, under the sampling model's parameter names: the reference for the
-    changed-parameter count (spec §7). Memory-mapped and converted by name (no second model is built)."""
-    path = Path(config.paths.autoencoder)
-    model = build_autoencoder(config, "meta")
-    state = autoencoder_state_from_ldm(model, load_torch_state_dict(path, "autoencoder checkpoint"), path)
+    changed-parameter count (spec §7). Memory-mapped and converted by name (the model stays on meta)."""
+    _, state, _ = _autoencoder_file(config)
     return {f"vae.{name}": tensor for name, tensor in state.items()}
 
 

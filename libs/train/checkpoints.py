@@ -38,6 +38,24 @@ RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoi
                      "auto_param_penalty")
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors by parameter name (what a checkpoint's trainable.safetensors holds)."""
+    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
+
+
+def load_trainable(model: nn.Module, path: Path, what: str = "trained tensors", hint: str = "") -> None:
+    """Copy saved trained tensors back into the model (names and shapes must match `trainable_state` exactly)."""
+    saved = load_safetensors(path, what)
+    own = trainable_state(model)
+    problems = key_mismatches(own, saved)
+    if problems:
+        raise CheckpointError("\n".join([f"{path} does not fit this model" + (f" ({hint})" if hint else ""),
+                                         *problems]))
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            own[name].copy_(tensor)
+
+
 def list_checkpoints(out_dir: str | Path) -> list[Path]:
     """Complete checkpoints (they are renamed into place only when fully written), oldest first."""
     folder = Path(out_dir) / CHECKPOINT_DIR
@@ -57,7 +75,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
 
 def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> dict[str, Any]:
     """What a checkpoint holds, copied to the host now: later steps may change the originals in place."""
-    return {"weights": {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
+    return {"weights": {n: t.to("cpu", copy=True) for n, t in trainable_state(model).items()},
             "rest": {"optimizer": _to_host(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
                      "scaler": scaler.state_dict() if scaler is not None else None}}
 
@@ -161,15 +179,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     scaler: Any) -> dict[str, Any]:
     """Restore what save_checkpoint wrote (compare `read_checkpoint_state` first); returns its state."""
     state = read_checkpoint_state(path)
-    weights = load_safetensors(path / CHECKPOINT_WEIGHTS, "checkpoint weights")
-    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    problems = key_mismatches(own, weights)
-    if problems:
-        raise CheckpointError("\n".join([f"{path} does not fit this model: was it written with other LoRA targets "
-                                         "or text-encoder mode?", *problems]))
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(weights[name])
+    load_trainable(model, path / CHECKPOINT_WEIGHTS, "checkpoint weights",
+                   "was it written with other LoRA targets or text-encoder mode?")
     rest = safe_torch_load(path / CHECKPOINT_OPTIMIZER, "optimizer state")
     try:
         optimizer.load_state_dict(rest["optimizer"])

@@ -20,7 +20,7 @@ from PIL import Image, ImageOps
 
 from libs.class_set import MAKE_HINT, ClassSetError, load_class_set
 from libs.errors import UserError
-from libs.photos import Box, PhotoError, face_boxes, list_images, open_image, person_masks
+from libs.photos import UNREADABLE, Box, PhotoError, face_boxes, list_images, open_image, person_masks
 
 CROP_MODES = ("face", "center")
 
@@ -130,7 +130,7 @@ def _read_mask(path: Path, size: tuple[int, int]) -> Image.Image:
     try:
         with Image.open(path) as raw:
             mask = raw.convert("L")
-    except (OSError, ValueError) as error:
+    except UNREADABLE as error:
         raise PhotoError(f"cannot read person mask {path}: {error}\n  -> re-run tools/crop.py, or train "
                          "without --masked_loss") from error
     if mask.size != size:

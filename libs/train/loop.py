@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from libs.locks import claimed_folder
 from libs.personalization import save_personalization
-from libs.precision import autocast
+from libs.precision import DTYPES, autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
                                     read_checkpoint_state, recipe_differences, remove_checkpoints)
@@ -95,7 +95,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                                                    int(cfg.min_image_side), cfg.class_prompt)
 
     # the models: frozen towers in the mixed-precision dtype, trained tensors in fp32
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     seed = int(config.seed)
     set_seed(seed)
     models = build_models(config, plan, accelerator.device, weight_dtype)

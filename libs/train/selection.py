@@ -24,12 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
 from torch import nn
 
-from libs.checkpoint import CheckpointError, key_mismatches, load_safetensors, save_safetensors
+from libs.checkpoint import save_safetensors
 from libs.errors import UserError
-from libs.train.checkpoints import CHECKPOINT_STATE, list_checkpoints
+from libs.train.checkpoints import CHECKPOINT_STATE, list_checkpoints, load_trainable, trainable_state
 
 METRICS = ("sim_face", "sim_clip_img", "edit_face", "edit_clip_img", "edit_clip_text")
 """The competition's advanced numbers (libs.score_results.ScoreResult.advanced), what validation logs."""
@@ -157,7 +156,7 @@ class Selection:
             else:
                 chosen, reason = self.best, f"the highest objective of {len(self.scores)} validated steps"
         if chosen != last_step:
-            load_trainable(model, candidate_path(self.out_dir, chosen))
+            load_trainable(model, candidate_path(self.out_dir, chosen), "candidate adapters")
         if keep_pinned:
             self.best = None
             self.prune()
@@ -166,23 +165,6 @@ class Selection:
         return {"mode": self.mode, "chosen_step": chosen, "reason": reason, "objective": str(self.objective),
                 "objective_used": str(self.used_objective), "face_backend": self.face_backend,
                 "face_usable": self.face_usable, "scores": {str(k): v for k, v in sorted(self.scores.items())}}
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors by parameter name (what a checkpoint's trainable.safetensors holds)."""
-    return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
-
-
-def load_trainable(model: nn.Module, path: Path) -> None:
-    """Copy saved trained tensors back into the model (names and shapes must match exactly)."""
-    saved = load_safetensors(path, "candidate adapters")
-    own = dict(model.named_parameters())
-    problems = key_mismatches(trainable_state(model), saved)
-    if problems:
-        raise CheckpointError("\n".join([f"{path} does not fit this model:", *problems]))
-    with torch.no_grad():
-        for name, tensor in saved.items():
-            own[name].copy_(tensor)
 
 
 def candidate_path(out_dir: Path, step: int) -> Path:
