@@ -14,6 +14,7 @@ import pytest
 
 import train as train_script
 from entrypoints import run_entry, script_repo
+from libs.locks import FolderBusyError, claimed_folder
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE, plan_candidates
@@ -118,6 +119,15 @@ def test_auto_recipe_needs_validation_and_a_budget(tiny_config, photos, tmp_path
     with pytest.raises(TrainingError, match="raise --auto_budget"):
         run_auto_recipe(config, photos, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_search_on_the_same_folder_stops_at_once(tiny_config, photos, tmp_path):
+    """-o is the search's alone: while another run holds it, a search writes nothing there."""
+    out = tmp_path / "out"
+    with claimed_folder(out, "train.py"):
+        with pytest.raises(FolderBusyError, match=f"{out} is in use by another run: train.py pid {os.getpid()}"):
+            run_auto_recipe(auto_config(tiny_config), photos, out, score_fn=RecipeCurves())
+        assert [p.name for p in out.iterdir()] == [".lock"]
 
 
 def main_exit(config, photos: Path, out: Path) -> int:

@@ -32,7 +32,7 @@ import ml_collections
 
 from libs.checkpoint import CheckpointError, atomic_path, save_json
 from libs.personalization import META_FILE, check_restore_path
-from libs.train.loop import StepCallback, train
+from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
 from libs.train.records import OUTPUT_FILES, RUN_FILE, prepare_output
@@ -113,7 +113,15 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
                     resume: str | None = None, overwrite: bool = False, mixed_precision: str | None = None,
                     on_step: StepCallback | None = None, score_fn: ScoreFn | None = None) -> list[dict[str, Any]] | None:
     """Train the candidates, write the table and the winner into `out_dir`; returns the table's rows (None
-    when `out_dir` already held a finished personalization and `resume` was asked for)."""
+    when `out_dir` already held a finished personalization and `resume` was asked for). `out_dir` is this
+    search's alone while it runs (each recipe's folder is its training run's)."""
+    with claim_output(out_dir):
+        return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
+
+
+def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
+            overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None,
+            score_fn: ScoreFn | None) -> list[dict[str, Any]] | None:
     from accelerate import PartialState
 
     cfg = config.train

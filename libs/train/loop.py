@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 import ml_collections
 import torch
@@ -63,11 +63,16 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     `score_fn` scores a validated step's images (default: libs.train.metrics.MetricScorer, the competition
     metric); the step it rates best (by `objective`) is the one written.
     """
-    # rank 0 of a launched group (or a lone process) holds the folder; accelerate is not set up yet, and
-    # setting it up here would fix its state before the Accelerator below chooses it
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    with claimed_folder(out_dir, "train.py") if main_process else nullcontext():
+    with claim_output(out_dir):
         return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
+
+
+def claim_output(out_dir: str | Path) -> ContextManager[Any]:
+    """The output folder held by this run for its whole length (libs.locks): by rank 0 of a launched group,
+    or a lone process. Read from the environment: accelerate is not set up yet, and setting it up here would
+    fix its state before the run's Accelerator chooses it."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    return claimed_folder(out_dir, "train.py") if main_process else nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
