@@ -20,7 +20,9 @@ import torch
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
+from libs.face import BACKENDS
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
+from libs.rerank import build_reranker
 from libs.sample_runs import SampleRun, check_runs, discover_runs, render_runs
 from libs.sampling import CFG_MODES, resolve_device
 
@@ -54,7 +56,7 @@ def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
     settings = parser.add_argument_group("settings", "each sets the config.sample key of its name (--seed: the top-level "
                                          f"key; --nnet_path: paths.nnet); the defaults are the {CONFIG_FLAG} file's values")
     add_config_flags(settings, config, {**OTHER_KEYS, **block_keys(config, "sample")},
-                     key_comments(config_path(DEFAULT_CONFIG)), {"sample.cfg_mode": CFG_MODES})
+                     key_comments(config_path(DEFAULT_CONFIG)), {"sample.cfg_mode": CFG_MODES, "sample.rerank_face_backend": BACKENDS})
     parser.add_argument("--skip_existing", action="store_true", help="resume: make only the images not yet written "
                         "(an existing image is kept only if it decodes completely)")
     parser.add_argument("--no_prompt_rewrite", action="store_true",
@@ -93,8 +95,9 @@ def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else
     runs = plan_runs(args)
+    reranker = build_reranker(config, runs, device, all_runs=args.all)  # None without --candidates N > 1
     render_runs(config, device, runs, skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite,
-                announce=args.all)
+                announce=args.all, reranker=reranker)
     if args.all:
         print(f"sample.py: all {len(runs)} run(s) finished")
 

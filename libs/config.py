@@ -23,7 +23,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = "unidiffuser_v1"
 # config keys that hold file-system paths ("" = not set); hub ids (`*_hub`) are not paths
 PATH_KEYS = ("paths.nnet", "paths.autoencoder", "paths.caption_decoder", "paths.clip_text", "paths.clip_img",
-             "train.class_data_dir", "train.cache_dir")
+             "train.class_data_dir", "train.cache_dir", "sample.reference_dir")
 LATENT_FACTOR = 8  # the VAE's pixels per latent cell
 EXTRA_MODELS_ENV = "UNIDIFFUSER_EXTRA_MODELS"
 """A folder of the models that are not UniDiffuser's own files (the CLIP folders, insightface/): the
@@ -73,6 +73,8 @@ KEY_RANGES: dict[str, Range] = {
     "sample.scale": Range(),
     "sample.n_samples": AT_LEAST_ONE,
     "sample.batch_size": AT_LEAST_ONE,
+    "sample.candidates": AT_LEAST_ONE,
+    "sample.rerank_weights": NON_NEGATIVE,
     "train.num_vectors": AT_LEAST_ONE,
     "train.min_image_side": AT_LEAST_ONE,
     "train.num_class_images": NON_NEGATIVE,

@@ -12,7 +12,7 @@ import itertools
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import ml_collections
 import torch
@@ -24,6 +24,9 @@ from libs.prompts import load_prompts
 from libs.sample_files import sample_prompts
 from libs.sampling import load_base, personalize
 from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+
+if TYPE_CHECKING:
+    from libs.rerank import Reranker
 
 PRELIMINARY_PROMPTS = "eval_prompts"
 ADVANCED_PROMPTS = "eval_prompts_advance"
@@ -90,9 +93,11 @@ def check_runs(runs: Sequence[SampleRun]) -> None:
 
 
 def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
-                skip_existing: bool = False, rewrite: bool = True, announce: bool = False) -> None:
+                skip_existing: bool = False, rewrite: bool = True, announce: bool = False,
+                reranker: Reranker | None = None) -> None:
     """Render the runs in this process: every output folder claimed first, the base models loaded once, each
-    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file."""
+    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file.
+    With a `reranker` (best-of-N, its scoring models loaded once for all runs) each run keeps its best candidates."""
     with ExitStack() as folders:
         for run in runs:
             folders.enter_context(claimed_folder(run.output_path, "sample.py"))
@@ -105,8 +110,12 @@ def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: S
                 print(pipeline.personalization.describe())
                 print(f"finetuned parameters: {pipeline.finetuned_parameters}", flush=True)
                 prompts = load_prompts(run.prompt_path)
-                made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
-                                      skip_existing=skip_existing, rewrite=rewrite)
+                if reranker is None:
+                    made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
+                                          skip_existing=skip_existing, rewrite=rewrite)
+                else:
+                    made = reranker.sample(pipeline, prompts, run.prompt_path, run.output_path,
+                                           config.sample.n_samples, skip_existing=skip_existing, rewrite=rewrite)
                 print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {run.output_path}")
             del pipeline  # the next personalization starts from the base alone
             gc.collect()
