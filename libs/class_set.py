@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from libs.checkpoint import atomic_path, save_json
+from libs.files import atomic_path, save_json
 from libs.errors import UserError
 
 IMAGES_DIR = "images"

@@ -12,7 +12,7 @@ from typing import Any, Iterable
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_path, save_json
+from libs.files import atomic_path, save_json
 from libs.class_set import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
                              read_lines, write_class_set)
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from libs.checkpoint import CheckpointError, load_safetensors, save_json, save_safetensors
+from libs.files import CheckpointError, load_safetensors, save_json, save_safetensors
 from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from libs.checkpoint import CheckpointError, safe_torch_load
+from libs.files import CheckpointError, safe_torch_load
 from libs.lora import LoraSpec, add_lora, load_lora_state, require_targets
 from libs.models.clip import CLIPTextEncoder
 from libs.personalization import Personalization

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_path
+from libs.files import atomic_path
 from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.grids import image_grid

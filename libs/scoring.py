@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
-from libs.checkpoint import DOWNLOAD_HINT
+from libs.files import DOWNLOAD_HINT
 from libs.config import DEFAULT_CONFIG, load_config
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_ROOT, FaceBackend, get_face_backend

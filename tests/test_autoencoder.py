@@ -12,7 +12,7 @@ import torch
 
 import libs.models.loading as loading
 from ldm_vae_reference import LDMAutoencoderKL
-from libs.checkpoint import CheckpointError
+from libs.files import CheckpointError
 from libs.config import load_config
 from libs.models.autoencoder import AutoencoderKL
 from libs.models.loading import (autoencoder_ldm_state, autoencoder_state_from_ldm, build_autoencoder,

@@ -22,7 +22,7 @@ from PIL import Image
 import sample
 import train
 from entrypoints import run_entry
-from libs.checkpoint import cached_sha256, hash_cache_dir
+from libs.files import cached_sha256, hash_cache_dir
 from libs.config import REPO_ROOT
 from libs.personalization import META_FILE
 from libs.photos import image_is_complete

@@ -17,7 +17,7 @@ from PIL import Image
 
 import train as train_script
 from entrypoints import run_entry, script_repo
-from libs.checkpoint import load_safetensors
+from libs.files import load_safetensors
 from libs.class_set import write_class_set
 from libs.config import REPO_ROOT, load_config
 from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas

@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer
 
 import score
-from libs.checkpoint import load_safetensors
+from libs.files import load_safetensors
 from libs.face import FaceModelMissing
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.photos import open_image

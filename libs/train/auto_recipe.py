@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import ml_collections
 
-from libs.checkpoint import CheckpointError, atomic_path, save_json
+from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import META_FILE, check_restore_path
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn

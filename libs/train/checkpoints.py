@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from libs.checkpoint import (CheckpointError, key_mismatches, load_safetensors, safe_torch_load, save_json,
+from libs.files import (CheckpointError, key_mismatches, load_safetensors, safe_torch_load, save_json,
                              save_safetensors, save_torch)
 
 CHECKPOINT_DIR = "checkpoints"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from libs.checkpoint import atomic_path
+from libs.files import atomic_path
 
 CURVES_FILE = "curves.png"
 PANELS = (

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from libs.checkpoint import save_json
+from libs.files import save_json
 from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 
 from libs import personalization
-from libs.checkpoint import atomic_path, cached_sha256, save_json
+from libs.files import atomic_path, cached_sha256, save_json
 from libs.config import REPO_ROOT
 from libs.train.checkpoints import remove_checkpoints
 from libs.train.curves import CURVES_FILE

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from libs.checkpoint import save_safetensors
+from libs.files import save_safetensors
 from libs.errors import UserError
 from libs.train.checkpoints import CHECKPOINT_STATE, list_checkpoints, load_trainable, trainable_state
 
