@@ -47,7 +47,7 @@ from libs.config import latent_shape
 from libs.diffusion import N_TRAIN_STEPS
 from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as PREFIX
 from libs.models.loading import load_caption_decoder, load_uvit

@@ -127,7 +127,7 @@ def write_random_checkpoints(config: ml_collections.ConfigDict, folder: str | Pa
 def write_personalization(config: ml_collections.ConfigDict, folder: str | Path, seed: int = 0) -> Path:
     """A personalization as train.py writes it with the config's recipe (U-ViT LoRA of `train.rank` on the
     default targets with small random B, a `<new1>` token), for the random base models of `config`."""
-    from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+    from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
     from libs.models.loading import load_text_encoder, load_uvit
     from libs.personalization import save_personalization
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from libs.files import CheckpointError, load_safetensors, save_json, save_safetensors
-from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
 
 FORMAT = "unidiffuser-personalization"

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from libs.files import CheckpointError, safe_torch_load
-from libs.lora import LoraSpec, add_lora, load_lora_state, require_targets
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, require_targets
 from libs.models.clip import CLIPTextEncoder
 from libs.personalization import Personalization
 

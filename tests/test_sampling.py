@@ -13,7 +13,7 @@ from PIL import Image
 from libs.config import latent_shape
 from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
 from libs.precision import place_for_inference

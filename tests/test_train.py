@@ -21,9 +21,9 @@ from libs.files import load_safetensors
 from libs.class_set import write_class_set
 from libs.config import REPO_ROOT, load_config
 from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas
-from libs.lora import LoraSpec, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, uvit_lora_modules
 from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder, load_uvit
-from libs.param_count import count_finetuned_parameters
+from libs.adapters.param_count import count_finetuned_parameters
 from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE,
                                   load_personalization)
 from libs.prompts import fill_prompt
