@@ -30,7 +30,7 @@ from bench.common import (DTYPES, autocast, bench_config, common_parser, fmt_flo
                           print_table, size_summary, start, timing_fields, uvit_inputs, write_result)
 from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.loading import build_uvit
-from libs.sampling import weight_sharing_copy
+from libs.sample.pipeline import weight_sharing_copy
 
 BENCH = "bench_fidelity"
 GUARD = 1.5

@@ -169,7 +169,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
 
     Resumable: images already on disk are kept, so an interrupted run continues where it stopped.
     A folder made with another prompt, seed or sampler setting is refused rather than mixed.
-    `pipeline` (a `libs.sampling.T2IPipeline`) lets several sets share one loaded model; without it the
+    `pipeline` (a `libs.sample.pipeline.T2IPipeline`) lets several sets share one loaded model; without it the
     base model is loaded here, and only if an image is missing.
     """
     class_dir = Path(class_dir)
@@ -181,7 +181,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
     if len(todo) < n:
         print(f"{class_dir}: {n - len(todo)} of {n} images already there, generating {len(todo)}")
     if todo and pipeline is None:
-        from libs.sampling import load_pipeline
+        from libs.sample.pipeline import load_pipeline
 
         pipeline = load_pipeline(config, device)
     with tqdm(total=len(todo), desc=f"generate {class_word}", unit="img") as progress:

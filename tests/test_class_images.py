@@ -1,5 +1,5 @@
 """libs.class_sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
-layouts), the class-set loader's checks, and class image generation when libs.sampling is present."""
+layouts), the class-set loader's checks, and class image generation when libs.sample.pipeline is present."""
 from __future__ import annotations
 
 import subprocess

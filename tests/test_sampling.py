@@ -1,4 +1,4 @@
-"""The text-to-image loop (libs/sampling.py) on the tiny world: batched guidance, the two unconditional
+"""The text-to-image loop (libs/sample/pipeline.py) on the tiny world: batched guidance, the two unconditional
 modes, reproducible noise, prompt rewriting and the pipeline loader."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from libs.personalization import save_personalization
 from libs.precision import place_for_inference
 from libs.prompts import PromptFileError as SamplingInputError
 from libs.prompts import load_prompts, rewrite_prompt
-from libs.sampling import (combine_joint, generate_images, load_pipeline, split_joint, t2i_sample,
+from libs.sample.pipeline import (combine_joint, generate_images, load_pipeline, split_joint, t2i_sample,
                            weight_sharing_copy)
 
 STEPS = 4

@@ -18,8 +18,8 @@ from libs.files import load_safetensors
 from libs.face import FaceModelMissing
 from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.photos import open_image
-from libs.sample_files import save_jpeg
-from libs.sampling import load_pipeline
+from libs.sample.files import save_jpeg
+from libs.sample.pipeline import load_pipeline
 from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, METRICS, VALIDATION_DIR, MetricScorer, Objective, Rendered,
                         TrainingError, ValidationScores, list_checkpoints, make_plan, train)
 from libs.train import metrics as metrics_module

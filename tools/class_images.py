@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
         sets = {}
         for word in args.class_word:
             if pipeline is None and missing_indices(out_dir / word, args.num_images):
-                from libs.sampling import load_pipeline
+                from libs.sample.pipeline import load_pipeline
 
                 pipeline = load_pipeline(config, device)  # once for all class words
             sets[word] = generate_class_images(config, out_dir / word, word, args.num_images, args.seed,

@@ -23,8 +23,8 @@ from libs.diffusion import alphas_cumprod, keyed_generator
 from libs.grids import image_grid
 from libs.photos import open_image
 from libs.precision import autocast
-from libs.sample_files import save_jpeg
-from libs.sampling import T2IPipeline
+from libs.sample.files import save_jpeg
+from libs.sample.pipeline import T2IPipeline
 from libs.subjects import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
 from libs.train.encodings import TrainData
