@@ -154,7 +154,7 @@ def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iter
 
 def write_scorer_clip(folder: Path, sizes: ml_collections.ConfigDict, seed: int = 0) -> Path:
     """A random full CLIPModel (image tower of `sizes`, text tower of `sizes`) with the real tokenizer: what
-    libs.scoring.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
+    libs.score.scorer.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
     torch.manual_seed(seed)
     write_clip_tokenizer(folder)
     with quiet_transformers():

@@ -8,7 +8,7 @@
     batches.py      one step's noisy batch and the joint loss (spec §5)
     checkpoints.py  checkpoints to resume exactly
     records.py      train_config.json, logs, the start summary, the personalization's meta record
-    metrics.py      the validation set (sim/edit prompts) and the competition metric on it (libs.scoring)
+    metrics.py      the validation set (sim/edit prompts) and the competition metric on it (libs.score.scorer)
     selection.py    the objective and the best validated step's adapters (candidates on disk)
     curves.py       the validation curves as a PNG
     validation.py   fixed-noise loss, and the validation images rendered, scored and logged during training

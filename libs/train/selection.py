@@ -31,7 +31,7 @@ from libs.errors import UserError
 from libs.train.checkpoints import CHECKPOINT_STATE, list_checkpoints, load_trainable, trainable_state
 
 METRICS = ("sim_face", "sim_clip_img", "edit_face", "edit_clip_img", "edit_clip_text")
-"""The competition's advanced numbers (libs.score_results.ScoreResult.advanced), what validation logs."""
+"""The competition's advanced numbers (libs.score.results.ScoreResult.advanced), what validation logs."""
 FACE_FALLBACK = {"sim_face": "sim_clip_img", "edit_face": "edit_clip_img"}
 SELECTION_MODES = ("best", "last")
 CANDIDATE_DIR = "candidates"

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from libs.files import atomic_path, save_json
 from libs.models.clip import MAX_LENGTH
-from libs.score_results import ScoreResult, TaskResult
+from libs.score.results import ScoreResult, TaskResult
 
 RESULTS_JSON = "score_results.json"
 RESULTS_CSV = "score_results.csv"
