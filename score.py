@@ -21,7 +21,7 @@ from libs.face import BACKENDS, INSIGHTFACE_ROOT
 from libs.score.report import summary_lines, task_lines, write_reports
 from libs.score.results import ADVANCED, PRELIMINARY, ScoreResult
 from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
 from typing import Any, Sequence  # noqa: E402
 
-from libs.class_set import IMAGES_DIR, ClassSetError  # noqa: E402
-from libs.class_sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
+from libs.class_images.folder import IMAGES_DIR, ClassSetError  # noqa: E402
+from libs.class_images.sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
                                 import_celeba, missing_indices)
 from libs.errors import run_cli  # noqa: E402
 

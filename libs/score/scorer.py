@@ -37,7 +37,7 @@ from libs.photos import PhotoError, list_images, open_image
 from libs.prompts import image_name, load_prompts
 from libs.score.report import write_reports
 from libs.score.results import ADVANCED, PRELIMINARY, SPLITS, ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.layout import ADVANCED_SPLITS, SUBJECTS
 
 IMAGES_PER_PROMPT = 3
 DEFAULT_PROMPT_ROOTS = {PRELIMINARY: "./eval_prompts/", ADVANCED: "./eval_prompts_advance/"}

@@ -35,7 +35,7 @@ from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend
 from libs.prompts import fill_prompt, image_name, rewrite_prompt
 from libs.score.results import ADVANCED, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS
+from libs.layout import ADVANCED_SPLITS
 
 FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
 PROMPTS_DIR = "prompts"

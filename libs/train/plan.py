@@ -17,7 +17,7 @@ from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.errors import UserError
 from libs.personalization import META_FILE, TEXT_ENCODER_MODES
 from libs.prompts import fill_prompt
-from libs.subjects import class_word_from_path
+from libs.layout import class_word_from_path
 from libs.train.checkpoints import CHECKPOINT_DIR, CHECKPOINT_STATE, list_checkpoints
 from libs.train.images import CROP_MODES
 from libs.train.metrics import FACE_BACKEND_CHOICES

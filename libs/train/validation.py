@@ -25,7 +25,7 @@ from libs.photos import open_image
 from libs.precision import autocast
 from libs.sample.files import save_jpeg
 from libs.sample.pipeline import T2IPipeline
-from libs.subjects import ADVANCED_SPLITS
+from libs.layout import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
 from libs.train.encodings import TrainData
 from libs.train.metrics import Rendered, ScoreFn, ValidationSet

@@ -1,5 +1,5 @@
 """Making class image sets for prior preservation: real CelebA faces, or images rendered by the base model.
-Both write the layout of libs/class_set.py; the command line is tools/class_images.py."""
+Both write the layout of libs/class_images/folder.py; the command line is tools/class_images.py."""
 from __future__ import annotations
 
 import csv
@@ -13,7 +13,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from libs.files import atomic_path, save_json
-from libs.class_set import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
+from libs.class_images.folder import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
                              read_lines, write_class_set)
 
 DEFAULT_CAPTION = "a photo of a {}"
