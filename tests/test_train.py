@@ -24,12 +24,12 @@ from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas
 from libs.adapters.lora import LoraSpec, uvit_lora_modules
 from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder, load_uvit
 from libs.adapters.param_count import count_finetuned_parameters
-from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE,
-                                  load_personalization)
+from libs.personalization import load_personalization
 from libs.prompts import fill_prompt
 from libs.layout import class_word_from_path
-from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
-                        build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
+from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
+from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
+                               TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
 
 
 @pytest.fixture()

@@ -36,9 +36,9 @@ from libs.face import FaceBackend, DetectedFace, get_face_backend
 from libs.prompts import fill_prompt, image_name, rewrite_prompt
 from libs.score.results import ADVANCED, ScoreResult, TaskResult
 from libs.layout import ADVANCED_SPLITS
+from libs.train_output import PROMPTS_DIR
 
 FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
-PROMPTS_DIR = "prompts"
 STREAM_VALIDATION = 6  # after libs/train/batches.py's streams: the validation images' generators
 
 
