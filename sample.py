@@ -22,9 +22,9 @@ from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
 from libs.face import BACKENDS
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.rerank import build_reranker
-from libs.sample_runs import SampleRun, check_runs, discover_runs, render_runs
-from libs.sampling import CFG_MODES, resolve_device
+from libs.sample.rerank import build_reranker
+from libs.sample.runs import SampleRun, check_runs, discover_runs, render_runs
+from libs.sample.pipeline import CFG_MODES, resolve_device
 
 
 # keys outside config.sample that are flags too: flag name -> dotted key

@@ -14,11 +14,11 @@ import sample
 import score
 from conftest import tiny_world_config
 from entrypoints import run_entry
-from libs.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
+from libs.sample.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
 from libs.prompts import image_name
-from libs.rerank import METRICS, judged_metrics
-from libs.score_report import REPORT_HTML, RESULTS_JSON
-from libs.scoring import Scorer
+from libs.sample.rerank import METRICS, judged_metrics
+from libs.score.report import REPORT_HTML, RESULTS_JSON
+from libs.score.scorer import Scorer
 from personalizations import write_personalization
 from test_sample_runs import COUNT_LINE, run_sample_sh, workspace
 
@@ -179,7 +179,7 @@ def test_bad_references_stop_the_run_before_anything_is_written(case, message, t
 def test_sample_sh_with_two_candidates_renders_the_advanced_split(tmp_path, tiny_config_file, tiny_world, public_photos,
                                                                    monkeypatch, capsys):
     from personalizations import write_subjects
-    from libs.subjects import SUBJECTS
+    from libs.layout import SUBJECTS
 
     trained = write_subjects(tiny_world_config(tiny_world), tmp_path / "trained")
     root = workspace(tmp_path / "ws", trained, advanced=True)

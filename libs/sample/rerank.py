@@ -4,7 +4,7 @@ competition's own metric ranks highest (`sample.py --candidates N`).
 Candidate k of a prompt (k = slot i + round c · n_samples) draws its noise from keyed_generator(seed, prompt
 index, k): round 0 is exactly what `--candidates 1` renders, and a candidate never depends on the batch size
 or on the other prompts. Every candidate is encoded as the JPEG that would be written and scored on the
-pixels that JPEG decodes to, through libs.scoring's `Scorer.score_prompt` (score.py's own per-image metric:
+pixels that JPEG decodes to, through libs/score/scorer.py's `Scorer.score_prompt` (score.py's own per-image metric:
 the face backend, CLIP ViT-B/32, the same preprocessing and max(0, ·) clamps), so a kept file scores in
 score.py what it scored here. The per-image objective is the judged numbers of the run's split, weighted by
 `rerank_weights` (face, clip_img, clip_text): `*_sim` face + clip_img; `*_edit` and preliminary
@@ -31,18 +31,18 @@ import ml_collections
 import torch
 from PIL import Image
 
-from libs.candidates import CANDIDATES_DIR, Candidate, CandidateRecord, CandidatesFileError, load_record
+from libs.sample.candidates import CANDIDATES_DIR, Candidate, CandidateRecord, CandidatesFileError, load_record
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_insightface_root, get_face_backend
 from libs.photos import list_images
 from libs.prompts import image_name
-from libs.sample_files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
+from libs.sample.files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
                                write_image_bytes)
-from libs.sampling import T2IPipeline
-from libs.score_results import ImageScore
-from libs.scoring import ReferenceSet, Scorer, ScoringWarning
-from libs.subjects import ADVANCED_SPLITS
-from libs.train.records import RUN_FILE
+from libs.sample.pipeline import T2IPipeline
+from libs.score.results import ImageScore
+from libs.score.scorer import ReferenceSet, Scorer, ScoringWarning
+from libs.layout import ADVANCED_SPLITS
+from libs.train_output import RUN_FILE
 
 METRICS = ("face", "clip_img", "clip_text")
 """The per-image numbers of spec §8, in the order of `rerank_weights`."""

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from libs.checkpoint import save_json
+from libs.files import save_json
 from libs.errors import UserError
 from libs.prompts import image_name
 
