@@ -185,7 +185,8 @@ def test_sample_sh_with_two_candidates_renders_the_advanced_split(tmp_path, tiny
     root = workspace(tmp_path / "ws", trained, advanced=True)
     for name in SUBJECTS:
         (root / "train_data" / name).mkdir(parents=True)
-        public_photos["astronaut" if name.startswith("girl") else "grace_hopper"].save(root / "train_data" / name / "a.jpg")
+        portrait = public_photos["astronaut" if name.startswith("girl") else "grace_hopper"]
+        portrait.save(root / "train_data" / name / "a.jpg")
     done = run_sample_sh(root, tiny_config_file, "--candidates", "2", *DLIB)
     assert done.returncode == 0, done.stderr
     counts = COUNT_LINE.findall(done.stdout)

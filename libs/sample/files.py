@@ -130,7 +130,8 @@ def sample_prompts(pipeline: T2IPipeline, prompts: Sequence[str], output_path: P
     return made
 
 
-def prompt_texts(pipeline: T2IPipeline, prompts: Sequence[str], indices: Sequence[int], rewrite: bool) -> dict[int, str]:
+def prompt_texts(pipeline: T2IPipeline, prompts: Sequence[str], indices: Sequence[int],
+                 rewrite: bool) -> dict[int, str]:
     """The text sampled for each prompt index (the trained token before the class word unless `rewrite` is
     off); a prompt over 77 CLIP tokens is said on stderr, since the encoder reads only the first 77."""
     personalization = pipeline.personalization

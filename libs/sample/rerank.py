@@ -179,12 +179,10 @@ class Reranker:
                 continue
             files = pending.pop(index)
             scoring = time.perf_counter()
-            scores = self.scorer.score_prompt(refs, index, prompts[index], [
-                (f"{CANDIDATES_DIR}/{image_name(index, k)}", Image.open(io.BytesIO(data)).convert("RGB"))
-                for k, data in enumerate(files)]).images
+            scores = self.score_candidates(refs, index, prompts[index], files)
             score_seconds += time.perf_counter() - scoring
             values = [objective(score) for score in scores]
-            kept = sorted(range(total), key=lambda k: (-values[k], k))[:n_samples]
+            kept = choose(values, n_samples)
             if self.keep_candidates:
                 self._write_candidates(output_path, index, files)
             for slot, k in enumerate(kept):
@@ -207,6 +205,12 @@ class Reranker:
         print(f"{made} image(s) kept of {len(jobs)} rendered in {seconds:.1f}s ({score_seconds:.1f}s scoring); "
               f"peak memory: {peak_memory()}")
         return made
+
+    def score_candidates(self, refs: ReferenceSet, index: int, prompt: str, files: Sequence[bytes]) -> list[ImageScore]:
+        """A prompt's candidates scored on the pixels their JPEG files decode to, as score.py would score the files."""
+        return self.scorer.score_prompt(refs, index, prompt, [
+            (f"{CANDIDATES_DIR}/{image_name(index, k)}", Image.open(io.BytesIO(data)).convert("RGB"))
+            for k, data in enumerate(files)]).images
 
     def _record(self, output_path: Path, n_samples: int, objective: RerankObjective,
                 skip_existing: bool) -> CandidateRecord:
@@ -233,6 +237,11 @@ class Reranker:
                     path.unlink()
         for k, data in enumerate(files):
             write_image_bytes(data, folder / image_name(index, k), k, len(files))
+
+
+def choose(values: Sequence[float], n_samples: int) -> list[int]:
+    """The candidates kept: the `n_samples` highest objectives, best first, ties to the lower candidate index."""
+    return sorted(range(len(values)), key=lambda k: (-values[k], k))[:n_samples]
 
 
 def build_reranker(config: ml_collections.ConfigDict, runs: Sequence, device: torch.device,
