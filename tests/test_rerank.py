@@ -60,6 +60,16 @@ def test_one_candidate_is_the_plain_output_bit_for_bit(tiny_config_file, restore
     assert files(plain) == files(one) and len(files(plain)) == 3 * len(PROMPTS) + 1  # + grid.jpg
 
 
+def test_one_candidate_is_the_plain_output_bit_for_bit_under_all(tiny_config_file, restore, tmp_path, monkeypatch):
+    outputs = {}
+    for name, extra in (("plain", []), ("one", ["--candidates", "1"])):
+        root = workspace(tmp_path / name, {"boy1": restore}, subjects=["boy1"], preliminary=True, advanced=True)
+        monkeypatch.chdir(root)
+        assert run_entry(sample, ["--all", "--config", tiny_config_file, *FAST, *extra]) == 0
+        outputs[name] = files(root / "outputs")
+    assert outputs["plain"] == outputs["one"] and len(outputs["plain"]) == 3 * 4 + 3  # 4 prompts + 3 grids
+
+
 @pytest.fixture()
 def best_of_4(tiny_config_file, restore, prompt_file, photos, tmp_path, capsys) -> tuple[Path, str]:
     """`--candidates 4 --keep_candidates` into outputs/boy1, the references train_data/boy1 (dlib finds faces)."""
@@ -139,6 +149,13 @@ def test_skip_existing_redoes_a_partly_written_prompt_whole(best_of_4, tiny_conf
     printed = capsys.readouterr().out
     assert "skipping 1 prompt(s)" in printed and "over 1 prompt(s)" in printed
     assert files(out) == before
+    # a run without --keep_candidates that remakes a prompt drops the old record of it (it no longer fits)
+    (out / image_name(0, 0)).unlink()
+    assert run(tiny_config_file, restore, prompt_file, out, "--candidates", "4", "--reference_dir", photos, *DLIB,
+               "--skip_existing") == 0
+    assert [c.prompt_index for c in load_record(out).candidates] == [1] * 12
+    assert sorted(p.name for p in (out / CANDIDATES_DIR).iterdir()) == [image_name(1, k) for k in range(12)]
+    assert (out / image_name(0, 0)).read_bytes() == before[image_name(0, 0)]
 
 
 @pytest.mark.parametrize("case, message", [

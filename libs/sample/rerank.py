@@ -31,7 +31,7 @@ import ml_collections
 import torch
 from PIL import Image
 
-from libs.sample.candidates import CANDIDATES_DIR, Candidate, CandidateRecord, CandidatesFileError, load_record
+from libs.sample.candidates import CANDIDATES_DIR, CANDIDATES_FILE, Candidate, CandidateRecord, CandidatesFileError, load_record
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_insightface_root, get_face_backend
 from libs.photos import list_images
@@ -161,6 +161,8 @@ class Reranker:
                                                          pipeline.config.resolution)}
         unrecorded = {i for i in range(len(prompts)) if self.keep_candidates and not record.of_prompt(i)}
         redo = sorted(partial | unrecorded)
+        if not self.keep_candidates:
+            self._forget(output_path, redo)
         if len(redo) < len(prompts):
             print(f"skipping {len(prompts) - len(redo)} prompt(s) whose {n_samples} images already exist")
         if not redo:
@@ -228,13 +230,32 @@ class Reranker:
             return fresh
         return old if old is not None and old.settings == settings else fresh
 
-    def _write_candidates(self, output_path: Path, index: int, files: list[bytes]) -> None:
+    def _forget(self, output_path: Path, indices: Sequence[int]) -> None:
+        """A run without keep_candidates redoes `indices`: a former run's record of them no longer fits its images."""
+        try:
+            record = load_record(output_path)
+        except CandidatesFileError:
+            return  # the report says it cannot show it
+        if record is None or not any(record.of_prompt(index) for index in indices):
+            return
+        for index in indices:
+            record.replace_prompt(index, [])
+            self._remove_candidate_files(output_path, index, keep=0)
+        record.save(output_path)
+        print(f"{CANDIDATES_FILE}: the former candidates of the {len(indices)} prompt(s) made again are removed")
+
+    def _remove_candidate_files(self, output_path: Path, index: int, keep: int) -> None:
+        """candidates/{index}-{k}.jpg for k >= keep (a former run's with a larger N, or all of them)."""
         folder = output_path / CANDIDATES_DIR
-        if folder.is_dir():  # candidates of a former run with a larger N
+        if folder.is_dir():
             for path in folder.iterdir():
                 match = _CANDIDATE_FILE.match(path.name)
-                if match and int(match[1]) == index and int(match[2]) >= len(files):
+                if match and int(match[1]) == index and int(match[2]) >= keep:
                     path.unlink()
+
+    def _write_candidates(self, output_path: Path, index: int, files: list[bytes]) -> None:
+        folder = output_path / CANDIDATES_DIR
+        self._remove_candidate_files(output_path, index, keep=len(files))
         for k, data in enumerate(files):
             write_image_bytes(data, folder / image_name(index, k), k, len(files))
 
