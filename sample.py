@@ -2,6 +2,7 @@
 
     python sample.py --restore_path model_output/boy1 --prompt_path eval_prompts/boy1.json --output_path outputs/boy1
     python sample.py --all [--advanced | --preliminary]      # what ./sample.sh runs: every prompt file there is
+    python sample.py --all --candidates 4                    # best-of-N: keep the 3 best of 12 by the metric
 
 Writes `{prompt_index}-{idx:03}.jpg` and `grid.jpg` into each output folder and prints exactly one
 `finetuned parameters: <int>` line per prompt file (spec §7). With `--all` the base models are loaded

@@ -16,7 +16,9 @@ from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.sample.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
 from libs.prompts import image_name
-from libs.sample.rerank import METRICS, judged_metrics
+from libs.sample.rerank import METRICS, RerankError, judged_metrics, reference_dirs
+from libs.sample.runs import SampleRun
+from libs.train_output import RUN_FILE
 from libs.score.report import REPORT_HTML, RESULTS_JSON
 from libs.score.scorer import Scorer
 from personalizations import write_personalization
@@ -190,6 +192,27 @@ def test_bad_references_stop_the_run_before_anything_is_written(case, message, t
     if case == "no_insightface":
         assert "--rerank_face_backend dlib" in captured.err
     assert "finetuned parameters" not in captured.out and not out.exists()
+
+
+def test_a_single_run_defaults_to_the_photo_folder_train_py_recorded(restore, photos, tmp_path, monkeypatch):
+    trained = tmp_path / "model_output" / "boy1"
+    shutil.copytree(restore, trained)
+    run_one = SampleRun(trained, tmp_path / "boy1.json", tmp_path / "out")
+    with pytest.raises(RerankError, match="pass --reference_dir"):
+        reference_dirs([run_one], "", all_runs=False)
+    (trained / RUN_FILE).write_text(json.dumps({"data_dir": str(photos)}))
+    assert reference_dirs([run_one], "", all_runs=False) == {run_one.output_path: photos}
+    assert reference_dirs([run_one], str(tmp_path), all_runs=False) == {run_one.output_path: tmp_path}
+    (trained / RUN_FILE).write_text(json.dumps({"data_dir": str(tmp_path / "moved")}))
+    with pytest.raises(RerankError, match="is not there any more"):
+        reference_dirs([run_one], "", all_runs=False)
+    # under --all: train_data/<name>/ of the working folder, for the sim and edit files alike
+    monkeypatch.chdir(tmp_path)
+    runs = [SampleRun(trained, Path(f"eval_prompts_advance/boy1_{part}.json"), Path(f"outputs/boy1_{part}"))
+            for part in ("sim", "edit")]
+    assert set(reference_dirs(runs, "", all_runs=True).values()) == {tmp_path / "train_data" / "boy1"}
+    with pytest.raises(RerankError, match="is for a single run"):
+        reference_dirs(runs, str(photos), all_runs=True)
 
 
 @pytest.mark.slow

@@ -112,6 +112,9 @@ def reference_dirs(runs: Sequence, reference_dir: str, all_runs: bool) -> dict[P
         if folder is None:
             raise RerankError("best-of-N ranks candidates against the subject's photos: pass --reference_dir "
                               f"<photo folder> (no train.py record in {run.restore_path} names one)")
+        if not reference_dir and not folder.is_dir():
+            raise RerankError(f"the photo folder train.py recorded in {run.restore_path / RUN_FILE}, {folder}, is "
+                              "not there any more: pass --reference_dir <the subject's photo folder>")
         folders[run.output_path] = folder
     return folders
 
