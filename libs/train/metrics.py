@@ -34,8 +34,8 @@ from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend
 from libs.prompts import fill_prompt, image_name, rewrite_prompt
-from libs.score.results import ADVANCED, ScoreResult, TaskResult
-from libs.layout import ADVANCED_SPLITS
+from libs.score.results import ScoreResult, TaskResult
+from libs.layout import ADVANCED, ADVANCED_SPLITS
 from libs.train_output import PROMPTS_DIR
 
 FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
