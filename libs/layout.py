@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 SUBJECTS = ("boy1", "boy2", "girl1", "girl2")
 """In the order train.sh and sample.sh run them."""
@@ -64,15 +64,6 @@ def split_tasks(split: str, subjects: Sequence[str] = SUBJECTS, prompts_dir: str
     return [Task(subject, split, name, prompts / f"{name}.json", root / outputs / name, root / photos / subject,
                  root / models / subject)
             for subject in subjects for name in task_names(subject, split)]
-
-
-def layout_tasks(prompt_roots: Mapping[str, str | Path], subjects: Sequence[str] = SUBJECTS,
-                 outputs: str | Path = OUTPUTS, photos: str | Path = TRAIN_DATA,
-                 root: str | Path = ".") -> dict[str, list[Task]]:
-    """The tasks of each split in `prompt_roots` (in SPLITS order) and whether each file is there is for the
-    caller to ask: sampling needs the prompt files, scoring the prompt files and the output folders."""
-    return {split: split_tasks(split, subjects, prompt_roots[split], outputs, photos, root=root)
-            for split in SPLITS if split in prompt_roots}
 
 
 def training_photos(subject: str, root: str | Path = ".") -> Path:
