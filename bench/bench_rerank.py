@@ -31,10 +31,10 @@ from bench.common import (Stopwatch, bench_config, common_parser, fmt_float, fmt
                           print_table, random_checkpoints, size_summary, start, timing_fields, write_personalization,
                           write_result, write_scorer_clip)
 from libs.diffusion import keyed_generator
-from libs.face import BACKENDS, default_insightface_root, insightface_models_present
+from libs.face import default_insightface_root, insightface_models_present
 from libs.sample.files import encode_jpeg
 from libs.sample.pipeline import load_pipeline
-from libs.sample.rerank import Reranker, RerankObjective, choose, rerank_face_backend
+from libs.sample.rerank import FACE_BACKENDS, Reranker, RerankObjective, choose, rerank_face_backend
 from libs.score.scorer import Scorer
 
 BENCH = "bench_rerank"
@@ -137,7 +137,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="edit prompts rendered per configuration (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=None, help="solver steps (default: the config's)")
     default_face = "insightface" if insightface_models_present(default_insightface_root()) else "dlib"
-    parser.add_argument("--face_backend", choices=BACKENDS, default=default_face,
+    parser.add_argument("--face_backend", choices=FACE_BACKENDS, default=default_face,
                         help="face model of the ranking (default: insightface when buffalo_l is installed, else dlib)")
     return parser.parse_args(argv)
 

@@ -22,10 +22,10 @@ from libs.download import local_model_folder
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
 from libs.personalization import check_restore_path
-from libs.layout import SUBJECTS
+from libs.layout import ADVANCED, MODEL_OUTPUT, PROMPT_ROOTS, SUBJECTS, TRAIN_DATA, model_dir
 
 STAGE_DIR = Path("build") / "submission" / "models"
-GRADER_MOUNTS = ("eval_prompts_advance", "train_data", "models")
+GRADER_MOUNTS = (PROMPT_ROOTS[ADVANCED], TRAIN_DATA, "models")
 SAMPLE_ARGS_ENV = "UNIDIFFUSER_SAMPLE_ARGS"
 """sample.sh puts this variable's words before its own arguments: the image bakes the chosen sampling settings
 (e.g. best-of-N's `--candidates 4`) there, so the organizers' no-argument `./sample.sh` runs with them."""
@@ -66,10 +66,11 @@ class SubmissionPlan:
 
     def describe(self) -> str:
         lines = [f"submission {self.name!r} (image {self.tag}):"]
-        lines += [f"  model_output/{name}: {path}" for name, path in self.subjects.items()]
+        lines += [f"  {MODEL_OUTPUT}/{name}: {path}" for name, path in self.subjects.items()]
         lines += [f"  {target.relative_to(self.root)} <- {source} "
                   f"({sum(p.stat().st_size for p in model_files(source)) / 2**20:.0f} MiB)" for source, target in self.models]
-        lines.append(f"  sample.sh in the image: sample.py --all {self.sample_args}".rstrip()
+        lines.append(f"  sample.sh in the image ({SAMPLE_ARGS_ENV}={self.sample_args!r}): sample.py --all "
+                     f"{self.sample_args}".rstrip()
                      + (f" (best-of-{self.candidates}: about {self.candidates}x the denoising and decoding time, plus "
                         "scoring every candidate with insightface buffalo_l and CLIP ViT-B/32)" if self.sample_args
                         else ""))
@@ -96,12 +97,12 @@ def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_ro
         problems.append(f"--candidates must be >= 1, got {candidates}")
     subjects = {}
     for subject in SUBJECTS:
-        folder = root / "model_output" / subject
+        folder = model_dir(subject, root)
         try:
             check_restore_path(folder)
             subjects[subject] = folder
         except UserError as error:
-            problems.append(f"model_output/{subject}: {error}")
+            problems.append(f"{MODEL_OUTPUT}/{subject}: {error}")
     stage = root / STAGE_DIR
     models = []
     for key, what in (("clip_text", "CLIP ViT-L/14 text encoder"), ("clip_img", "CLIP ViT-B/32 (image encoder, scorer)")):

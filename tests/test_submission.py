@@ -19,6 +19,7 @@ from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
+from libs.submission import SAMPLE_ARGS_ENV
 from personalizations import write_subjects
 from test_face import synthetic_face, write_tiny_insightface_pack
 
@@ -130,7 +131,8 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
                                   "--candidates", "4"])
     assert best_of.returncode == 0, best_of.stderr
     assert f"docker build -t team:submit --build-arg 'SAMPLE_ARGS=--candidates 4' {root}" in best_of.stdout
-    assert "sample.sh in the image: sample.py --all --candidates 4 (best-of-4" in best_of.stdout
+    assert "sample.py --all --candidates 4 (best-of-4" in best_of.stdout
+    assert f"ENV {SAMPLE_ARGS_ENV}=" in (REPO_ROOT / "Dockerfile").read_text() and SAMPLE_ARGS_ENV in best_of.stdout
 
     staged = run_tool(tmp_path, [tool, "--stage-only", "--config", config, "--insightface_root", pack])
     assert staged.returncode == 0, staged.stderr

@@ -31,22 +31,24 @@ import ml_collections
 import torch
 from PIL import Image
 
-from libs.sample.candidates import CANDIDATES_DIR, CANDIDATES_FILE, Candidate, CandidateRecord, CandidatesFileError, load_record
+from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_insightface_root, get_face_backend
+from libs.layout import ADVANCED_SPLITS, TRAIN_DATA
 from libs.photos import list_images
 from libs.prompts import image_name
+from libs.sample.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, Candidate, CandidateRecord, CandidatesFileError,
+                                    load_record)
 from libs.sample.files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
                                write_image_bytes)
 from libs.sample.pipeline import T2IPipeline
 from libs.score.results import ImageScore
 from libs.score.scorer import ReferenceSet, Scorer, ScoringWarning
-from libs.layout import ADVANCED_SPLITS
 from libs.train_output import RUN_FILE
 
 METRICS = ("face", "clip_img", "clip_text")
 """The per-image numbers of spec §8, in the order of `rerank_weights`."""
-TRAIN_DATA = "train_data"
+FACE_BACKENDS = KEY_CHOICES["sample.rerank_face_backend"]
 _CANDIDATE_FILE = re.compile(r"^(\d+)-(\d{3,})\.jpg$")
 
 
@@ -121,6 +123,8 @@ def reference_dirs(runs: Sequence, reference_dir: str, all_runs: bool) -> dict[P
 
 def rerank_face_backend(name: str) -> FaceBackend:
     """The face model of the ranking: insightface buffalo_l (the competition's) or dlib, chosen explicitly."""
+    if name not in FACE_BACKENDS:
+        raise RerankError(f"rerank_face_backend {name!r} is not one of {', '.join(FACE_BACKENDS)}")
     if name == "dlib":
         print(f"best-of-N face model: dlib (the explicit offline choice; NOT the competition's insightface "
               f"{INSIGHTFACE_MODEL}: its face numbers rank differently)")
