@@ -53,8 +53,8 @@ def clip_text(view: ImageView) -> float:
 class Metric:
     name: str  # the one spelling in code, the JSON/CSV fields and the advanced keys (`sim_<name>`)
     label: str  # how the report's reader sees it
-    preliminary_key: str  # its key in the printed preliminary dict (the competition's spelling)
-    advanced_splits: tuple[str, ...]  # the advanced prompt sets whose summary reports it
+    preliminary_key: str | None  # its key in the printed preliminary dict (the competition's spelling); None: not printed
+    advanced_splits: tuple[str, ...]  # the advanced prompt sets whose summary reports it (`<split>_<name>`)
     per_image: Callable[[ImageView], float]
     average: Callable[[Iterable[float]], float] = mean  # image -> prompt -> task -> summary
 

@@ -126,7 +126,8 @@ class ScoreResult:
     def preliminary(self) -> dict[str, float]:
         """`{face, img_clip, text_clip}`: means over tasks of the task means, keyed as the competition prints them."""
         tasks = list(self.tasks.values())
-        return {metric.preliminary_key: metric.average(getattr(t, metric.name) for t in tasks) for metric in METRICS}
+        return {metric.preliminary_key: metric.average(getattr(t, metric.name) for t in tasks) for metric in METRICS
+                if metric.preliminary_key}
 
     @property
     def advanced(self) -> dict[str, float] | None:
