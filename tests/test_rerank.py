@@ -14,7 +14,7 @@ import sample
 import score
 from conftest import tiny_world_config
 from entrypoints import run_entry
-from libs.sample.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
+from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
 from libs.prompts import image_name
 from libs.sample.rerank import METRICS, RerankError, judged_metrics, reference_dirs
 from libs.sample.runs import SampleRun

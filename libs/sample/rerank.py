@@ -37,17 +37,18 @@ from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_
 from libs.layout import ADVANCED_SPLITS, TRAIN_DATA
 from libs.photos import list_images
 from libs.prompts import image_name
-from libs.sample.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, Candidate, CandidateRecord, CandidatesFileError,
-                                    load_record)
 from libs.sample.files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
                                write_image_bytes)
 from libs.sample.pipeline import T2IPipeline
+from libs.score.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, Candidate, CandidateRecord, CandidatesFileError,
+                                   load_record)
+from libs.score.metrics import METRIC_NAMES, METRICS as METRIC_TABLE
 from libs.score.results import ImageScore
 from libs.score.scorer import ReferenceSet, Scorer, ScoringWarning
 from libs.train_output import RUN_FILE
 
-METRICS = ("face", "clip_img", "clip_text")
-"""The per-image numbers of spec §8, in the order of `rerank_weights`."""
+METRICS = METRIC_NAMES
+"""The per-image numbers of spec §8 (libs/score/metrics.py's table), in the order of `rerank_weights`."""
 FACE_BACKENDS = KEY_CHOICES["sample.rerank_face_backend"]
 _CANDIDATE_FILE = re.compile(r"^(\d+)-(\d{3,})\.jpg$")
 
@@ -57,9 +58,13 @@ class RerankError(UserError):
 
 
 def judged_metrics(prompt_path: str | Path) -> tuple[str, ...]:
-    """What the competition judges for a prompt file: `*_sim` face and clip_img; `*_edit` and the preliminary
-    `<name>.json` all three."""
-    return METRICS[:2] if Path(prompt_path).stem.endswith("_sim") else METRICS
+    """What the competition judges for a prompt file, from the metric table: an advanced `<name>_<split>.json` the
+    metrics its split reports (`*_sim` face and clip_img, `*_edit` all three), the preliminary `<name>.json` those
+    of the printed preliminary dict (all three)."""
+    stem = Path(prompt_path).stem
+    split = next((part for part in ADVANCED_SPLITS if stem.endswith(f"_{part}")), None)
+    return tuple(metric.name for metric in METRIC_TABLE
+                 if (split in metric.advanced_splits if split else metric.preliminary_key is not None))
 
 
 @dataclass(frozen=True)
