@@ -38,6 +38,7 @@ from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as CAPTION_PREFIX
 from libs.models.loading import autoencoder_ldm_state, build_autoencoder, quiet_transformers
 from libs.models.uvit import UViT
+from libs.outputs import check_output_folder, only
 from libs.precision import autocast  # noqa: F401 - re-exported for the bench scripts
 from libs.tiny_world import write_clip_tokenizer
 
@@ -390,7 +391,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 
 def start(args: argparse.Namespace) -> torch.device:
-    """Apply the common flags (threads) and return the device to run on."""
+    """Check --results-dir (libs.outputs), apply the common flags (threads) and return the device to run on."""
+    check_output_folder(args.results_dir, "--results-dir", only("*.jsonl"))
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)

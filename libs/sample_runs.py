@@ -19,9 +19,10 @@ import torch
 
 from libs.errors import UserError
 from libs.locks import claimed_folder
+from libs.outputs import check_output_folder, only
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample_files import sample_prompts
+from libs.sample_files import OUTPUT_ENTRIES, sample_prompts
 from libs.sampling import load_base, personalize
 from libs.subjects import ADVANCED_SPLITS, SUBJECTS
 
@@ -30,6 +31,7 @@ ADVANCED_PROMPTS = "eval_prompts_advance"
 MODEL_OUTPUT = "model_output"
 OUTPUTS = "outputs"
 SPLITS = ("auto", "preliminary", "advanced")
+OUTPUT_WHAT = "output folder (--output_path)"
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ def check_runs(runs: Sequence[SampleRun]) -> None:
         load_prompts(run.prompt_path)
         if run.restore_path is not None:
             check_restore_path(run.restore_path)
-        if run.output_path.exists() and not run.output_path.is_dir():
-            raise UserError(f"output path {run.output_path} is a file, not a folder")
+        check_output_folder(run.output_path, OUTPUT_WHAT, only(*OUTPUT_ENTRIES))
 
 
 def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
@@ -95,7 +96,7 @@ def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: S
     personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file."""
     with ExitStack() as folders:
         for run in runs:
-            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
+            folders.enter_context(claimed_folder(run.output_path, "sample.py", OUTPUT_WHAT, only(*OUTPUT_ENTRIES)))
         base = load_base(config, device)
         for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
             pipeline = personalize(base, restore_path, count_parameters=True)

@@ -35,7 +35,7 @@ from libs.personalization import META_FILE, check_restore_path
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
-from libs.train.records import OUTPUT_FILES, RUN_FILE, prepare_output
+from libs.train.records import OUTPUT_ENTRIES, OUTPUT_FILES, RUN_FILE, prepare_output
 from libs.train.selection import METRICS
 
 AUTO_DIR = "auto_recipe"
@@ -115,7 +115,7 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
     """Train the candidates, write the table and the winner into `out_dir`; returns the table's rows (None
     when `out_dir` already held a finished personalization and `resume` was asked for). `out_dir` is this
     search's alone while it runs (each recipe's folder is its training run's)."""
-    with claim_output(out_dir):
+    with claim_output(out_dir, (*OUTPUT_ENTRIES, AUTO_DIR)):
         return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 

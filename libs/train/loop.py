@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable, ContextManager, Sequence
 
 import ml_collections
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from libs.locks import claimed_folder
+from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
@@ -33,7 +34,7 @@ from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
 from libs.train.optim import make_optimizer, make_scheduler
 from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.records import (VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
+from libs.train.records import (OUTPUT_ENTRIES, VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
                                 step_logs, write_run_file)
 from libs.train.selection import Selection
 from libs.train.validation import Validation
@@ -67,12 +68,13 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
         return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 
-def claim_output(out_dir: str | Path) -> ContextManager[Any]:
+def claim_output(out_dir: str | Path, entries: Sequence[str] = OUTPUT_ENTRIES) -> ContextManager[Any]:
     """The output folder held by this run for its whole length (libs.locks): by rank 0 of a launched group,
     or a lone process. Read from the environment: accelerate is not set up yet, and setting it up here would
-    fix its state before the run's Accelerator chooses it."""
+    fix its state before the run's Accelerator chooses it. An existing folder holding anything but `entries`
+    (what a run writes) is someone else's and refused."""
     main_process = int(os.environ.get("RANK", "0")) == 0
-    return claimed_folder(out_dir, "train.py") if main_process else nullcontext()
+    return claimed_folder(out_dir, "train.py", "output folder (-o)", only(*entries)) if main_process else nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,

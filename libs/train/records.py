@@ -30,7 +30,7 @@ from torch import Tensor
 from libs import personalization
 from libs.checkpoint import atomic_path, cached_sha256, save_json
 from libs.config import REPO_ROOT
-from libs.train.checkpoints import remove_checkpoints
+from libs.train.checkpoints import CHECKPOINT_DIR, remove_checkpoints
 from libs.train.curves import CURVES_FILE
 from libs.train.images import TrainImage
 from libs.train.metrics import PROMPTS_DIR
@@ -45,6 +45,9 @@ TENSORBOARD_DIR = "tensorboard"
 VALIDATION_DIR = "validation"
 OUTPUT_FILES = (personalization.META_FILE, personalization.UVIT_LORA_FILE, personalization.TOKEN_FILE,
                 personalization.TEXT_LORA_FILE, personalization.TEXT_FULL_FILE, RUN_FILE)
+# everything a run writes at the top of its output folder: an existing folder holding anything else is not a
+# run's, and train.py refuses it (libs.outputs)
+OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, VALIDATION_DIR, CHECKPOINT_DIR, CANDIDATE_DIR)
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow", "ml_collections")
 
 
