@@ -23,6 +23,7 @@ from libs.outputs import check_output_folder, only
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
 from libs.sample_files import OUTPUT_ENTRIES, sample_prompts
+from libs.stopping import StopSignals
 from libs.sampling import load_base, personalize
 from libs.subjects import ADVANCED_SPLITS, SUBJECTS
 
@@ -93,8 +94,10 @@ def check_runs(runs: Sequence[SampleRun]) -> None:
 def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
                 skip_existing: bool = False, rewrite: bool = True, announce: bool = False) -> None:
     """Render the runs in this process: every output folder claimed first, the base models loaded once, each
-    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file."""
-    with ExitStack() as folders:
+    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file.
+    SIGTERM / SIGINT stop at once (libs.stopping): images are written whole or not at all, the locks released."""
+    hint = "only complete images were kept: run the same command with --skip_existing to make the rest"
+    with StopSignals(hint), ExitStack() as folders:
         for run in runs:
             folders.enter_context(claimed_folder(run.output_path, "sample.py", OUTPUT_WHAT, only(*OUTPUT_ENTRIES)))
         base = load_base(config, device)

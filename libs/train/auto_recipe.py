@@ -32,6 +32,7 @@ import ml_collections
 
 from libs.checkpoint import CheckpointError, atomic_path, save_json
 from libs.personalization import META_FILE, check_restore_path
+from libs.stopping import StopSignals, resume_command
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
@@ -114,8 +115,10 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
                     on_step: StepCallback | None = None, score_fn: ScoreFn | None = None) -> list[dict[str, Any]] | None:
     """Train the candidates, write the table and the winner into `out_dir`; returns the table's rows (None
     when `out_dir` already held a finished personalization and `resume` was asked for). `out_dir` is this
-    search's alone while it runs (each recipe's folder is its training run's)."""
-    with claim_output(out_dir, (*OUTPUT_ENTRIES, AUTO_DIR)):
+    search's alone while it runs (each recipe's folder is its training run's). SIGTERM / SIGINT stop the recipe
+    in training as a single run stops (libs.stopping); a resumed search retrains no finished recipe."""
+    hint = f"finished recipes are kept; continue with: {resume_command()}"
+    with StopSignals(hint), claim_output(out_dir, (*OUTPUT_ENTRIES, AUTO_DIR)):
         return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 
