@@ -25,13 +25,11 @@ import sample
 from entrypoints import run_entry, script_repo
 from libs.config import REPO_ROOT
 from libs.errors import Interrupted
-from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.photos import image_is_complete
 from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe
 from libs.train import train as train_fn
-from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE
-from libs.train.checkpoints import (CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
-                                    list_checkpoints)
+from libs.train_output import (AUTO_DIR, CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
+                               META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints)
 from personalizations import write_personalization
 
 STEPS = 8

@@ -30,17 +30,15 @@ from typing import Any, Callable
 
 import ml_collections
 
-from libs.checkpoint import CheckpointError, atomic_path, save_json
-from libs.personalization import META_FILE, check_restore_path
+from libs.files import CheckpointError, atomic_path, save_json
+from libs.personalization import check_restore_path
 from libs.stopping import StopSignals, resume_command
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
-from libs.train.records import OUTPUT_ENTRIES, OUTPUT_FILES, RUN_FILE, prepare_output
 from libs.train.selection import METRICS
+from libs.train_output import AUTO_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
-AUTO_DIR = "auto_recipe"
-TABLE_FILE = "table.csv"
 RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
 
 
@@ -118,7 +116,7 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
     search's alone while it runs (each recipe's folder is its training run's). SIGTERM / SIGINT stop the recipe
     in training as a single run stops (libs.stopping); a resumed search retrains no finished recipe."""
     hint = f"finished recipes are kept; continue with: {resume_command()}"
-    with StopSignals(hint), claim_output(out_dir, (*OUTPUT_ENTRIES, AUTO_DIR)):
+    with StopSignals(hint), claim_output(out_dir):
         return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, Callable, ContextManager
 
 import ml_collections
 import torch
@@ -28,19 +28,20 @@ from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.stopping import StopSignals, resume_command
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
-                                    read_checkpoint_state, recipe_differences, remove_checkpoints)
-from libs.train.curves import CURVES_FILE, plot_curves
+from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
+from libs.train.curves import plot_curves
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
 from libs.train.optim import make_optimizer, make_scheduler
 from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.records import (OUTPUT_ENTRIES, VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
+from libs.train.records import (RunLog, personalization_meta, start_summary,
                                 step_logs, write_run_file)
 from libs.train.selection import Selection
 from libs.train.validation import Validation
+from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR, list_checkpoints,
+                               prepare_output, remove_checkpoints)
 
 
 @dataclass
@@ -73,13 +74,13 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
         return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn, stop)
 
 
-def claim_output(out_dir: str | Path, entries: Sequence[str] = OUTPUT_ENTRIES) -> ContextManager[Any]:
+def claim_output(out_dir: str | Path) -> ContextManager[Any]:
     """The output folder held by this run for its whole length (libs.locks): by rank 0 of a launched group,
     or a lone process. Read from the environment: accelerate is not set up yet, and setting it up here would
-    fix its state before the run's Accelerator chooses it. An existing folder holding anything but `entries`
-    (what a run writes) is someone else's and refused."""
+    fix its state before the run's Accelerator chooses it. An existing folder holding anything but what a run
+    writes (OUTPUT_ENTRIES) is someone else's and refused."""
     main_process = int(os.environ.get("RANK", "0")) == 0
-    return claimed_folder(out_dir, "train.py", "output folder (-o)", only(*entries)) if main_process else nullcontext()
+    return claimed_folder(out_dir, "train.py", "output folder (-o)", only(*OUTPUT_ENTRIES)) if main_process else nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
