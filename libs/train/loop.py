@@ -252,13 +252,17 @@ def _stopped(plan: Plan, step: int, signum: int) -> Interrupted:
                        f"with: {resume_command()} (./train.sh continues interrupted subjects by itself)", signum)
 
 
-def _diverged(plan: Plan, step: int, what: str, checkpoints: CheckpointWriter) -> TrainingError:
+class DivergedError(TrainingError):
+    """The loss or the trained weights became NaN/inf: this recipe cannot be trained as set."""
+
+
+def _diverged(plan: Plan, step: int, what: str, checkpoints: CheckpointWriter) -> DivergedError:
     """Training cannot go on; say so, and which checkpoint is the last good one (nothing non-finite is saved)."""
     checkpoints.close()
     kept = list_checkpoints(plan.out_dir)
     last = (f"the last good checkpoint is {kept[-1]} (`--resume latest` retries from it with the same settings)"
             if kept else "no checkpoint was written before it")
-    return TrainingError(f"{what} at step {step}: training stopped; {last}. Lower --lr (or keep --max_grad_norm > 0) "
+    return DivergedError(f"{what} at step {step}: training stopped; {last}. Lower --lr (or keep --max_grad_norm > 0) "
                          "and pass --overwrite to start again")
 
 
