@@ -9,13 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from libs.files import atomic_path, save_json
 from libs.class_images.folder import (CAPTIONS, IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for,
                                      load_class_set, read_lines, write_class_set)
 from libs.outputs import check_output_folder, each, only
+from libs.photos import image_is_complete
 
 DEFAULT_CAPTION = "a photo of a {}"
 DEFAULT_COUNT = 200
@@ -105,7 +105,7 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
         for name in order:
             if len(chosen) == n:
                 break
-            if not _decodes(image_dir / name):
+            if not image_is_complete(image_dir / name):
                 tqdm.write(f"skipping unreadable CelebA image {image_dir / name}")
                 continue
             _copy(image_dir / name, out_images / name)
@@ -128,15 +128,6 @@ def check_class_output(out_dir: str | Path, class_words: Sequence[str]) -> None:
     check_output_folder(out_dir, "class image folder (-o)", each(ours))
     for word in class_words:
         check_output_folder(Path(out_dir) / word, "class set folder", ours)
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
 
 
 def _copy(source: Path, target: Path) -> None:
