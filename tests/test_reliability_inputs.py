@@ -14,27 +14,11 @@ import sample
 import train
 from entrypoints import run_entry
 from libs.errors import UserError
-from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
+from libs.train import TrainingError, run_auto_recipe
 from libs.train import train as train_fn
 from libs.train_output import AUTO_DIR, FAILED_FILE, META_FILE, TABLE_FILE, candidate_files
+from test_auto_recipe import RecipeCurves
 from test_reliability import refused, sample_args, train_args
-
-
-class Scores:
-    """A known objective per validated step (step 1 the best); remembers which recipes it scored."""
-
-    def __init__(self, stop_at: str | None = None):
-        self.calls: list[tuple[str, int]] = []
-        self.stop_at = stop_at
-
-    def __call__(self, rendered: Rendered) -> ValidationScores:
-        recipe = rendered.folder.parent.parent.name
-        if recipe == self.stop_at:
-            raise KeyboardInterrupt
-        self.calls.append((recipe, rendered.step))
-        values = {metric: 0.0 for metric in METRICS}
-        values["sim_face"] = 1.0 - abs(rendered.step - 1) / 10
-        return ValidationScores(values, "test", True)
 
 
 # --- config files -----------------------------------------------------------------------------------
@@ -96,7 +80,7 @@ def search_config(config, **extra):
 
 def test_a_diverging_recipe_is_recorded_as_failed_and_the_search_goes_on(tiny_config, photos, tmp_path, capsys):
     out = tmp_path / "out"
-    rows = run_auto_recipe(search_config(tiny_config), photos, out, score_fn=Scores())
+    rows = run_auto_recipe(search_config(tiny_config), photos, out, score_fn=RecipeCurves())
     printed = capsys.readouterr().out
     assert re.search(r"recipe double_lr failed: the (trained weights hold NaN|loss became).* at step \d", printed)
     by_recipe = {row["recipe"]: row for row in rows}
@@ -106,7 +90,7 @@ def test_a_diverging_recipe_is_recorded_as_failed_and_the_search_goes_on(tiny_co
     assert "double_lr" in json.loads((out / AUTO_DIR / FAILED_FILE).read_text())
 
     (out / META_FILE).unlink()  # as if stopped before the result was written: a resume retrains nothing
-    again = Scores()
+    again = RecipeCurves()
     assert run_auto_recipe(search_config(tiny_config), photos, out, resume="latest", score_fn=again) == rows
     assert again.calls == []
 
@@ -117,7 +101,7 @@ def half_search(tiny_config, photos, tmp_path) -> Path:
     out = tmp_path / "out"
     config = search_config(tiny_config, auto_recipes=("base", "half_rank"), lr=1e-4, text_lr=1e-4)
     with pytest.raises(KeyboardInterrupt):
-        run_auto_recipe(config, photos, out, score_fn=Scores(stop_at="half_rank"))
+        run_auto_recipe(config, photos, out, score_fn=RecipeCurves(stop_at="half_rank"))
     assert (out / AUTO_DIR / "base" / META_FILE).is_file()
     return out
 
@@ -143,14 +127,14 @@ def test_a_damaged_failure_record_is_named(half_search, tiny_config, photos):
     (half_search / AUTO_DIR / FAILED_FILE).write_text("[1, 2")
     config = search_config(tiny_config, auto_recipes=("base", "half_rank"), lr=1e-4, text_lr=1e-4)
     with pytest.raises(TrainingError, match=rf"{re.escape(str(half_search / AUTO_DIR / FAILED_FILE))} is damaged"):
-        run_auto_recipe(config, photos, half_search, resume="latest", score_fn=Scores())
+        run_auto_recipe(config, photos, half_search, resume="latest", score_fn=RecipeCurves())
 
 
 # --- the step selection -------------------------------------------------------------------------------
 
 
 def test_a_damaged_candidate_is_named_when_the_run_resumes(tiny_config, photos, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "base"  # RecipeCurves scores it by this name
     tiny_config.train.update(with_prior_preservation=False, train_step=4, validation_steps=1, checkpointing_steps=2)
 
     def stop(step: int, logs: dict) -> None:
@@ -158,8 +142,8 @@ def test_a_damaged_candidate_is_named_when_the_run_resumes(tiny_config, photos, 
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_fn(tiny_config, photos, out, on_step=stop, score_fn=Scores())
+        train_fn(tiny_config, photos, out, on_step=stop, score_fn=RecipeCurves())
     [best] = candidate_files(out)
     best.write_bytes(best.read_bytes()[:40])
     with pytest.raises(UserError, match=rf"damaged .*{re.escape(str(best))}"):
-        train_fn(tiny_config, photos, out, resume="latest", score_fn=Scores())
+        train_fn(tiny_config, photos, out, resume="latest", score_fn=RecipeCurves())
