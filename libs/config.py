@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -149,11 +150,55 @@ def load_config(name_or_path: str | Path = DEFAULT_CONFIG) -> ml_collections.Con
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except TypeError as error:  # ml_collections refusing a value of another type than the key's default
+        field = re.search(r"field '([^']+)'", str(error))
+        if field is None:
+            raise
+        raise ConfigError(f"config {path}: the key {field[1]!r} got a value of the wrong type ({error}); "
+                          f"see configs/{DEFAULT_CONFIG}.py for what it holds") from None
+    if path != config_path(DEFAULT_CONFIG):
+        problems = type_problems(config, load_config(DEFAULT_CONFIG))
+        if problems:
+            raise ConfigError(f"config {path}: " + "; ".join(problems) + f" (see configs/{DEFAULT_CONFIG}.py)")
     for dotted in PATH_KEYS:
         if _has(config, dotted):
             _set(config, dotted, resolve_path(get_key(config, dotted), REPO_ROOT))
     return config
+
+
+def type_problems(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                  prefix: str = "") -> list[str]:
+    """Keys of `config` whose value is not of the kind the default config holds there (a number, a string,
+    true/false, a list of strings...), one readable line each; a config built from scratch is checked too."""
+    problems = []
+    for key, expected in reference.items():
+        if key not in config:
+            continue
+        value, dotted = config[key], f"{prefix}{key}"
+        if isinstance(expected, ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                problems += type_problems(value, expected, f"{dotted}.")
+            continue
+        kind = _kind(expected)
+        if isinstance(value, (list, tuple)) and not value and kind in ("a list", "a list of strings"):
+            continue
+        if kind is not None and value is not None and _kind(value) != kind:
+            problems.append(f"{dotted} must be {kind}, got {value!r}")
+    return problems
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list of strings" if all(isinstance(item, str) for item in value) else "a list"
+    return None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ from libs.config import REPO_ROOT
 from libs.download import local_model_folder
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
+from libs.outputs import OutputPathError, check_output_folder
 from libs.personalization import check_restore_path
 from libs.layout import ADVANCED, MODEL_OUTPUT, PROMPT_ROOTS, SUBJECTS, TRAIN_DATA, model_dir
 
@@ -89,9 +90,11 @@ def _local_model_folder(local: str, what: str, problems: list[str]) -> Path | No
 
 
 def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_root: str | Path,
-                    root: Path = REPO_ROOT, tag: str | None = None, candidates: int = 1) -> SubmissionPlan:
-    """Check every input (the four trained subjects, the local model copies); one error lists all problems.
-    `candidates` > 1 bakes best-of-N into the image's sample.sh (it ranks with the baked insightface pack)."""
+                    root: Path | None = None, tag: str | None = None, candidates: int = 1) -> SubmissionPlan:
+    """Check every input (the four trained subjects, the local model copies, the build and archive folders);
+    one error lists all problems. `root`: the project (default: this repository). `candidates` > 1 bakes
+    best-of-N into the image's sample.sh (it ranks with the baked insightface pack)."""
+    root = REPO_ROOT if root is None else root
     problems: list[str] = []
     if candidates < 1:
         problems.append(f"--candidates must be >= 1, got {candidates}")
@@ -115,6 +118,11 @@ def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_ro
                         "insightface fetch it once: see `python score.py --help`)")
     else:
         models.append((pack, stage / "insightface" / "models" / INSIGHTFACE_MODEL))
+    for folder, what in ((stage, "build folder"), (root, "archive folder")):
+        try:
+            check_output_folder(folder, what)
+        except OutputPathError as error:
+            problems.append(str(error))
     if problems:
         raise UserError("the submission is not ready:\n  " + "\n  ".join(problems))
     return SubmissionPlan(root, name, tag or f"{name.lower()}:submit", subjects, models, candidates)

@@ -55,6 +55,9 @@ if [ -z "$PYTHON" ]; then
     else PYTHON=python; fi
 fi
 bin_dir="$(cd "$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")" && pwd)"
+# the shared output-path rule (libs/outputs.py): WORKDIR holds nothing but an earlier grading's workspace/
+PYTHONPATH="$project" "$PYTHON" -m libs.outputs "$workdir" --what "grading folder (--workdir)" --only workspace \
+    || exit 2
 
 # 1. the image's /workspace: tracked files and the trained model_output/
 workspace="$workdir/workspace"

@@ -27,6 +27,8 @@ from libs.layout import CLASS_WORDS
 GRID_FILE = "grid.jpg"
 GRID_CELL = 160
 JPEG_QUALITY = 95
+# what a run writes into its output folder; an existing folder holding anything else is refused (libs.outputs)
+OUTPUT_ENTRIES = ("[0-9]*-[0-9][0-9][0-9].jpg", GRID_FILE)
 
 
 class SamplingInputError(UserError):

@@ -17,16 +17,22 @@ import torch
 
 from libs.errors import UserError
 from libs.locks import claimed_folder
+from libs.outputs import check_output_folder, only
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample.files import sample_prompts
+from libs.sample.files import OUTPUT_ENTRIES, sample_prompts
+from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE
 from libs.sample.pipeline import load_base, personalize
 from libs.layout import ADVANCED, PRELIMINARY, PROMPT_ROOTS, SUBJECTS, split_tasks
+from libs.stopping import StopSignals
 
 if TYPE_CHECKING:
     from libs.sample.rerank import Reranker
 
 SPLITS = ("auto", PRELIMINARY, ADVANCED)
+OUTPUT_WHAT = "output folder (--output_path)"
+# what sample.py writes into an output folder: the images, the grid and best-of-N's kept candidates
+OURS = only(*OUTPUT_ENTRIES, CANDIDATES_DIR, CANDIDATES_FILE)
 
 
 @dataclass(frozen=True)
@@ -73,8 +79,7 @@ def check_runs(runs: Sequence[SampleRun]) -> None:
         load_prompts(run.prompt_path)
         if run.restore_path is not None:
             check_restore_path(run.restore_path)
-        if run.output_path.exists() and not run.output_path.is_dir():
-            raise UserError(f"output path {run.output_path} is a file, not a folder")
+        check_output_folder(run.output_path, OUTPUT_WHAT, OURS)
 
 
 def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
@@ -82,10 +87,12 @@ def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: S
                 reranker: Reranker | None = None) -> None:
     """Render the runs in this process: every output folder claimed first, the base models loaded once, each
     personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file.
-    With a `reranker` (best-of-N, its scoring models loaded once for all runs) each run keeps its best candidates."""
-    with ExitStack() as folders:
+    With a `reranker` (best-of-N, its scoring models loaded once for all runs) each run keeps its best candidates.
+    SIGTERM / SIGINT stop at once (libs.stopping): images are written whole or not at all, the locks released."""
+    hint = "only complete images were kept: run the same command with --skip_existing to make the rest"
+    with StopSignals(hint), ExitStack() as folders:
         for run in runs:
-            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
+            folders.enter_context(claimed_folder(run.output_path, "sample.py", OUTPUT_WHAT, OURS))
         base = load_base(config, device)
         for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
             pipeline = personalize(base, restore_path, count_parameters=True)
