@@ -112,10 +112,14 @@ def get_config() -> ml_collections.ConfigDict:
         min_snr_gamma=0.0,  # min-SNR-gamma weighting of every row by min(SNR, gamma) / SNR (5 is usual); 0 = off
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
-        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/lora.py)
-        rank=32,  # U-ViT LoRA rank; the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
-        alpha=32.0,  # U-ViT LoRA alpha: scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
+        adapter="lora",  # U-ViT adapter family (peft): lora, dora (LoRA + weight decomposition), loha, lokr, vera, oft
+        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT modules the adapter adapts (libs/lora.py)
+        rank=32,  # U-ViT adapter rank (lora, dora, loha, lokr); the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
+        alpha=32.0,  # U-ViT adapter alpha (lora, dora, loha, lokr): scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
         lora_dropout=0.1,  # dropout on the LoRA inputs (U-ViT and text encoder)
+        lokr_factor=0,  # adapter lokr: the Kronecker factor size of each side (0 = as square as possible)
+        oft_block_size=32,  # adapter oft: the orthogonal blocks' size; it must divide every target's input size
+        vera_rank=256,  # adapter vera: rank of the shared random projections (seed-generated, not trained)
         text_lora_rank=8,  # text-encoder LoRA rank (text_encoder_mode lora)
         text_lora_alpha=8.0,  # text-encoder LoRA alpha (text_encoder_mode lora)
         # optimisation: AdamW on the trainable tensors only (fp32), frozen weights in the mixed-precision dtype

@@ -12,6 +12,7 @@ from typing import Any
 
 import ml_collections
 
+from libs.adapters.families import FAMILIES
 from libs.config import latent_shape, range_problems
 from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.errors import UserError
@@ -26,7 +27,7 @@ from libs.train.selection import SELECTION_MODES, Objective, SelectionError
 
 # the keys with a fixed set of values, each from the module that implements them
 CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES,
-           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES}
+           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES, "adapter": FAMILIES}
 
 
 class TrainingError(UserError):

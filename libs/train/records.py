@@ -43,8 +43,8 @@ LOG_DIR = "logs"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 VALIDATION_DIR = "validation"
-OUTPUT_FILES = (personalization.META_FILE, personalization.UVIT_LORA_FILE, personalization.TOKEN_FILE,
-                personalization.TEXT_LORA_FILE, personalization.TEXT_FULL_FILE, RUN_FILE)
+OUTPUT_FILES = (personalization.META_FILE, personalization.UVIT_LORA_FILE, personalization.UVIT_ADAPTER_FILE,
+                personalization.TOKEN_FILE, personalization.TEXT_LORA_FILE, personalization.TEXT_FULL_FILE, RUN_FILE)
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow", "ml_collections")
 
 
@@ -165,7 +165,7 @@ def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainIma
                      f"weight {cfg.prior_loss_weight}")
     else:
         lines.append("prior preservation: off")
-    lines.append(f"training: {trainable:,} parameters (U-ViT LoRA r={cfg.rank} on {len(cfg.lora_targets)} target "
+    lines.append(f"training: {trainable:,} parameters (U-ViT {cfg.adapter} adapter on {len(cfg.lora_targets)} target "
                  f"kinds, text encoder {cfg.text_encoder_mode}); {cfg.train_step} steps x "
                  f"({cfg.batch_size}{f' + {cfg.class_batch_size}' if classes else ''}) x "
                  f"{accelerator.num_processes} process(es); {accelerator.mixed_precision} on {accelerator.device}; "
@@ -212,7 +212,7 @@ def personalization_meta(config: ml_collections.ConfigDict, plan: Plan, models: 
         "class_word": plan.class_word,
         "instance_prompt": plan.instance_prompt,
         "text_encoder_mode": cfg.text_encoder_mode,
-        "uvit_lora": models.uvit_spec.to_dict(),
+        **personalization.adapter_meta(models.uvit_spec),
         "uvit_lora_targets": list(cfg.lora_targets),
         "base_checkpoint": {"file": nnet_path.name, "sha256": cached_sha256(nnet_path)},
         "trainable_parameters": trainable,

@@ -1,0 +1,1 @@
+"""Adapters: the peft families that personalize the U-ViT (families.py)."""
