@@ -132,6 +132,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr_scheduler="constant",  # the learning-rate schedule after the warmup
         warmup_steps=20,  # steps of linear learning-rate warmup
         max_grad_norm=1.0,  # gradient-norm clipping; 0 = no clipping
+        ema_decay=0.0,  # moving average of the trained tensors (e.g. 0.99); validation, selection and the written adapters use it; 0 = off
         # speed
         cache_latents=True,  # encode each image view once; off re-encodes every step (slow, for checking)
         cache_dir="",  # also keep encodings on disk here, keyed by the image pixels and the encoders

@@ -95,6 +95,7 @@ KEY_RANGES: dict[str, Range] = {
     "train.weight_decay": NON_NEGATIVE,
     "train.warmup_steps": NON_NEGATIVE,
     "train.max_grad_norm": NON_NEGATIVE,
+    "train.ema_decay": Range(0, 1, high_open=True),
     "train.encode_batch_size": AT_LEAST_ONE,
     "train.log_every": AT_LEAST_ONE,
     "train.checkpointing_steps": AT_LEAST_ONE,

@@ -2,6 +2,7 @@
 
     <out>/checkpoints/checkpoint-000300/
         trainable.safetensors   the trained tensors (LoRA, token rows, text-encoder weights)
+        ema.safetensors         their moving average, with --ema_decay (libs/train/ema.py)
         optimizer.pt            optimizer, learning-rate scheduler and loss-scaler state
         training_state.json     the step, the recipe and the photos' hashes
 
@@ -30,6 +31,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE = "training_state.json"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_EMA = "ema.safetensors"
 # keys that may change when a run is resumed: they do not change what a step computes (nor how a validated
 # step is scored and chosen: the validation set, face backend, selection and objective stay as recorded)
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
@@ -66,16 +68,19 @@ def list_checkpoints(out_dir: str | Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
+                    scheduler: Any, scaler: Any, state: dict[str, Any], keep: int,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Trainable tensors, optimizer/scheduler/loss-scaler state and the recipe, written to a temporary
     folder and renamed into place; then all but the newest `keep` checkpoints are removed. A write that
     fails (a full disk) removes its temporary folder and says which checkpoint a resume would use."""
-    return _write_checkpoint(out_dir, step, _host_copy(model, optimizer, scheduler, scaler), state, keep)
+    return _write_checkpoint(out_dir, step, _host_copy(model, optimizer, scheduler, scaler, ema), state, keep)
 
 
-def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> dict[str, Any]:
+def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a checkpoint holds, copied to the host now: later steps may change the originals in place."""
     return {"weights": {n: t.to("cpu", copy=True) for n, t in trainable_state(model).items()},
+            "ema": None if ema is None else {n: t.to("cpu", copy=True) for n, t in ema.items()},
             "rest": {"optimizer": _to_host(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
                      "scaler": scaler.state_dict() if scaler is not None else None}}
 
@@ -98,6 +103,8 @@ def _write_checkpoint(out_dir: Path, step: int, contents: dict[str, Any], state:
     try:
         tmp.mkdir(parents=True)
         save_safetensors(contents["weights"], tmp / CHECKPOINT_WEIGHTS)
+        if contents.get("ema") is not None:
+            save_safetensors(contents["ema"], tmp / CHECKPOINT_EMA)
         save_torch(contents["rest"], tmp / CHECKPOINT_OPTIMIZER)
         save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
     except OSError as error:
@@ -130,9 +137,9 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def save(self, out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: Any, state: dict[str, Any], keep: int) -> None:
+             scaler: Any, state: dict[str, Any], keep: int, ema: dict[str, torch.Tensor] | None = None) -> None:
         self.wait()
-        contents = _host_copy(model, optimizer, scheduler, scaler)
+        contents = _host_copy(model, optimizer, scheduler, scaler, ema)
         if not self.background:
             _write_checkpoint(out_dir, step, contents, state, keep)
             return

@@ -24,9 +24,10 @@ from libs.locks import claimed_folder
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
+from libs.train.checkpoints import (CHECKPOINT_DIR, CHECKPOINT_EMA, CheckpointWriter, list_checkpoints, load_checkpoint,
                                     read_checkpoint_state, recipe_differences, remove_checkpoints)
 from libs.train.curves import CURVES_FILE, plot_curves
+from libs.train.ema import Ema
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.metrics import MetricScorer, ScoreFn
@@ -134,11 +135,13 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     model, optimizer = accelerator.prepare(models.model, optimizer)
     unwrapped: JointNoisePredictor = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema = Ema(unwrapped, float(cfg.ema_decay))
     checkpoint_state = {"recipe": plan.recipe(), "images": [s["sha256"] for s in sources]}
     selection = Selection(plan.out_dir, cfg.selection, cfg.objective)
     start_step = 0
     if plan.resume_from is not None:
         start_step, saved = _resume(plan, unwrapped, optimizer, scheduler, accelerator.scaler, checkpoint_state)
+        ema.load(plan.resume_from / CHECKPOINT_EMA)
         if start_step == cfg.train_step and plan.finished:
             log(f"{plan.out_dir} is already trained to step {start_step}: nothing to do")
             return None
@@ -154,7 +157,8 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     checkpoints = CheckpointWriter()  # writes in a thread while the next steps run
     try:
         if start_step == 0:
-            validation(0)
+            with ema.applied():
+                validation(0)
         bar = tqdm(range(start_step + 1, int(cfg.train_step) + 1), initial=start_step, total=int(cfg.train_step),
                    desc=f"train {plan.out_dir.name}", unit="step", disable=not accelerator.is_main_process)
         for step in bar:
@@ -168,6 +172,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            ema.update()
 
             logs: dict[str, float] = {}
             if step % cfg.log_every == 0 or step == cfg.train_step:
@@ -182,10 +187,12 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 raise _diverged(plan, step, "the trained weights hold NaN or inf values", checkpoints)
             # validated before the checkpoint of the same step, so a checkpoint holds its step's scores
             if validate_now:
-                validation(step)
+                with ema.applied():  # the average is what is rendered, scored and kept as a candidate
+                    validation(step)
             if accelerator.is_main_process and checkpoint_now:
                 checkpoints.save(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
-                                 {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
+                                 {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit),
+                                 ema.state())
                 selection.prune()  # keeps what the checkpoints on disk and the one being written refer to
             if on_step is not None:
                 on_step(step, logs)
@@ -199,6 +206,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     files: list[Path] = []
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
+        ema.copy_to_model()  # the last step's average, unless selection loads another step's candidate
         record = selection.finish(unwrapped, int(cfg.train_step), keep_pinned=bool(cfg.keep_checkpoints))
         meta = personalization_meta(config, plan, models, trainable_parameters, data.warnings, record)
         files = save_personalization(plan.out_dir, meta, unwrapped.nnet, unwrapped.text_encoder)
