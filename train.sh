@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/subjects.py).
+# Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/layout.py).
 #
 #   ./train.sh [extra train.py flags...]        e.g. ./train.sh --train_step 600 --rank 16
 #   ./train.sh --auto_recipe                     a budgeted recipe search per subject (libs/train/auto_recipe.py)
@@ -22,13 +22,13 @@ if ! command -v "$ACCELERATE" >/dev/null 2>&1; then
     fi
 fi
 
-# the subjects and their class words come from libs/subjects.py, read with the python that runs train.py
+# the subjects and their class words come from libs/layout.py, read with the python that runs train.py
 # (the one beside accelerate): "boy1:boy boy2:boy girl1:girl girl2:girl"
 PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-if ! subjects=$("$PYTHON" -c 'from libs.subjects import SUBJECTS, class_word_from_path as word
+if ! subjects=$("$PYTHON" -c 'from libs.layout import SUBJECTS, class_word_from_path as word
 print(*(f"{name}:{word(name)}" for name in SUBJECTS))'); then
-    echo "train.sh: cannot read the subject list from libs/subjects.py with $PYTHON (set PYTHON=/path/to/python)" >&2
+    echo "train.sh: cannot read the subject list from libs/layout.py with $PYTHON (set PYTHON=/path/to/python)" >&2
     exit 1
 fi
 

@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
         adapter="lora",  # U-ViT adapter family (peft): lora, dora (LoRA + weight decomposition), loha, lokr, vera, oft
-        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT modules the adapter adapts (libs/lora.py)
+        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT modules the adapter adapts (libs/adapters/lora.py)
         rank=32,  # U-ViT adapter rank (lora, dora, loha, lokr); the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
         alpha=32.0,  # U-ViT adapter alpha (lora, dora, loha, lokr): scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
         lora_dropout=0.1,  # dropout on the LoRA inputs (U-ViT and text encoder)

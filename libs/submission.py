@@ -22,7 +22,7 @@ from libs.download import local_model_folder
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
 from libs.personalization import check_restore_path
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 
 STAGE_DIR = Path("build") / "submission" / "models"
 GRADER_MOUNTS = ("eval_prompts_advance", "train_data", "models")

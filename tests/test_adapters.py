@@ -15,14 +15,14 @@ import torch
 
 import train as train_script
 from libs.adapters.families import FAMILIES, AdapterSpec, add_adapter
-from libs.checkpoint import load_safetensors
+from libs.files import load_safetensors
 from libs.errors import UserError
-from libs.lora import LoraSpec, add_lora, lora_state_dict, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, lora_state_dict, uvit_lora_modules
 from libs.models.loading import load_uvit
-from libs.personalization import META_FILE, TOKEN_FILE, UVIT_ADAPTER_FILE, UVIT_LORA_FILE
+from libs.train_output import META_FILE, TOKEN_FILE, UVIT_ADAPTER_FILE, UVIT_LORA_FILE
 from libs.photos import open_image
-from libs.sample_files import save_jpeg
-from libs.sampling import load_pipeline
+from libs.sample.files import save_jpeg
+from libs.sample.pipeline import load_pipeline
 from libs.train import METRICS, Rendered, ValidationScores, train
 from tests.conftest import tiny_world_config
 from tests.entrypoints import run_entry

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from libs.checkpoint import load_safetensors
-from libs.train import list_checkpoints, train
-from libs.train.checkpoints import CHECKPOINT_EMA, CHECKPOINT_WEIGHTS
+from libs.files import load_safetensors
+from libs.train import train
+from libs.train_output import CHECKPOINT_EMA, CHECKPOINT_WEIGHTS, list_checkpoints
 from libs.train.ema import Ema
 from tests.test_validation import KnownCurve, adapters, assert_bitwise, configured
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from libs.errors import UserError
-from libs.lora import LoraSpec, add_lora, load_lora_state
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state
 
 FAMILIES = ("lora", "dora", "loha", "lokr", "vera", "oft")
 # the layer types peft can adapt per family (peft raises a TypeError deep in the injection otherwise)

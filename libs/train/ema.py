@@ -14,7 +14,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from libs.checkpoint import CheckpointError, key_mismatches, load_safetensors
+from libs.files import CheckpointError, key_mismatches, load_safetensors
 
 
 class Ema:

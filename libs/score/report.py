@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-from libs.checkpoint import atomic_path, save_json
+from libs.files import atomic_path, save_json
 from libs.models.clip import MAX_LENGTH
-from libs.score_results import ScoreResult, TaskResult
+from libs.score.results import ScoreResult, TaskResult
 
 RESULTS_JSON = "score_results.json"
 RESULTS_CSV = "score_results.csv"

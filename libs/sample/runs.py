@@ -21,9 +21,9 @@ from libs.errors import UserError
 from libs.locks import claimed_folder
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample_files import sample_prompts
-from libs.sampling import load_base, personalize
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.sample.files import sample_prompts
+from libs.sample.pipeline import load_base, personalize
+from libs.layout import ADVANCED_SPLITS, SUBJECTS
 
 PRELIMINARY_PROMPTS = "eval_prompts"
 ADVANCED_PROMPTS = "eval_prompts_advance"

@@ -10,7 +10,7 @@ Per generated image, against the subject's training photos ("refs"):
 
 Files and in-memory images go through one path (`Scorer.score_images` is what `score_task` runs on the
 decoded files), so the same pixels give the same numbers whether training or score.py scores them.
-The result types are in libs/score_results.py, the reports in libs/score_report.py.
+The result types are in libs/score/results.py, the reports in libs/score/report.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
-from libs.checkpoint import DOWNLOAD_HINT
+from libs.files import DOWNLOAD_HINT
 from libs.config import DEFAULT_CONFIG, load_config
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_ROOT, FaceBackend, get_face_backend
@@ -35,9 +35,9 @@ from libs.models.clip import MAX_LENGTH, clip_image_preprocess
 from libs.models.loading import image_encoder_source, quiet_transformers
 from libs.photos import PhotoError, list_images, open_image
 from libs.prompts import image_name, load_prompts
-from libs.score_report import write_reports
-from libs.score_results import ADVANCED, PRELIMINARY, SPLITS, ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.score.report import write_reports
+from libs.score.results import ADVANCED, PRELIMINARY, SPLITS, ImageScore, PromptScore, Reference, ScoreResult, TaskResult
+from libs.layout import ADVANCED_SPLITS, SUBJECTS
 
 IMAGES_PER_PROMPT = 3
 DEFAULT_PROMPT_ROOTS = {PRELIMINARY: "./eval_prompts/", ADVANCED: "./eval_prompts_advance/"}
