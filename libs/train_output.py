@@ -16,7 +16,7 @@ in it, its preparation and cleanup, and the listings other modules read.
     validation/prompts/              their prompt files
     validation/curves.png            the scores against the step
     candidates/step-*.safetensors    the best validated step's tensors until the run ends
-    auto_recipe/                     --auto_recipe's candidate runs and table.csv
+    auto_recipe/                     --auto_recipe's candidate runs, table.csv and frontier.png
 
 It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into
 this folder (an unfinished run's checkpoints) and must not import the training package.
@@ -49,6 +49,7 @@ CURVES_FILE = "curves.png"
 CANDIDATE_DIR = "candidates"
 AUTO_DIR = "auto_recipe"
 TABLE_FILE = "table.csv"
+FRONTIER_FILE = "frontier.png"
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:

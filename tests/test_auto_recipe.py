@@ -11,13 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import train as train_script
 from entrypoints import run_entry, script_repo
 from libs.locks import FolderBusyError, claimed_folder
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import plan_candidates
-from libs.train_output import AUTO_DIR, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
+from libs.train.frontier import pareto_optimal
+from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 # the objective (sim_face here) of each recipe's validated steps
 CURVES = {"base": {1: 0.50, 2: 0.60}, "half_rank": {1: 0.58, 2: 0.55}, "double_lr": {1: 0.62, 2: 0.40}}
@@ -67,6 +69,12 @@ def test_candidates_follow_the_documented_recipes_and_the_budget(tiny_config, tm
     assert all(not c.config.train.auto_recipe for c in candidates.values())
     config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
     assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
+    config.train.update(rank=32, alpha=32.0, auto_recipes=("low_rank", "vera", "lokr"), auto_budget=100)
+    low = {c.recipe.name: c for c in plan_candidates(config, tmp_path)}
+    assert low["low_rank"].changes == {"rank": 4, "alpha": 4.0}  # adapter lora is already the config's
+    assert low["vera"].changes == {"adapter": "vera"} and low["lokr"].changes == {"adapter": "lokr"}
+    config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
+    assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
 
 
 def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(tiny_config, photos, tmp_path):
@@ -91,7 +99,9 @@ def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(t
     for name, curve in CURVES.items():
         row = by_recipe[name]
         best_step = max(curve, key=curve.get)
-        assert (row["best_step"], row["objective"], row["parameters"]) == (best_step, curve[best_step], PARAMETERS[name])
+        assert (row["best_step"], row["objective"], row["changed_parameters"]) == (best_step, curve[best_step],
+                                                                                  PARAMETERS[name])
+        assert row["adapter"] == "lora"
         assert row["score"] == pytest.approx(curve[best_step] - PENALTY * PARAMETERS[name] / 1e6)
     # without the penalty double_lr (0.62) would win; with it half_rank does (0.58 - 0.053 > 0.62 - 0.106)
     assert [row["recipe"] for row in rows if row["winner"]] == ["half_rank"]
@@ -99,6 +109,12 @@ def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(t
         table = list(csv.DictReader(handle))
     assert [row["recipe"] for row in table] == ["base", "half_rank", "double_lr", "longer", "identity_levers"]
     assert [row["winner"] for row in table] == ["False", "True", "False", "False", "False"]
+    assert [row["changed_parameters"] for row in table[:3]] == [str(PARAMETERS[n]) for n in ("base", "half_rank", "double_lr")]
+    # frontier: half_rank (5,328 at 0.58) and double_lr (10,624 at 0.62) are Pareto-optimal, base (10,624 at 0.60) is not
+    assert pareto_optimal(rows) == [False, True, True, False, False]
+    with Image.open(work / FRONTIER_FILE) as plot:
+        assert plot.format == "PNG" and plot.size[0] >= 600
+        plot.verify()
 
     for name in (UVIT_LORA_FILE, TOKEN_FILE):
         assert (out / name).read_bytes() == (work / "half_rank" / name).read_bytes()

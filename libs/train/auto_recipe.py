@@ -12,7 +12,9 @@ steps of all recipes run) is skipped and the next ones are tried.
 
     <out>/auto_recipe/<recipe>/   each recipe's own training folder (train.py's layout; a loser keeps its
                                   personalization.json record, logs and validation, not its adapters)
-    <out>/auto_recipe/table.csv   one row per recipe: changes, steps, best step, scores, parameters, score
+    <out>/auto_recipe/table.csv   one row per recipe: changes, adapter, steps, best step, scores, changed
+                                  parameters, score
+    <out>/auto_recipe/frontier.png best-step objective against changed parameters (libs/train/frontier.py)
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
@@ -34,9 +36,10 @@ from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
+from libs.train.frontier import plot_frontier
 from libs.train.plan import TrainingError, make_plan
 from libs.train.selection import METRICS
-from libs.train_output import AUTO_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
+from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
 RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
 
@@ -59,6 +62,12 @@ RECIPES = (
     Recipe("text_lora", "a LoRA on the CLIP text encoder besides the token", lambda cfg: {"text_encoder_mode": "lora"}),
     Recipe("longer", "1.5x the steps: more validated steps for a subject that learns slowly",
            lambda cfg: {"train_step": round(1.5 * int(cfg.train_step))}),
+    # the parameter axis: fewer changed parameters at (hopefully) the same identity
+    Recipe("low_rank", "U-ViT LoRA at an eighth of the rank (alpha scaled alike): an eighth of the changed parameters",
+           lambda cfg: {"adapter": "lora", "rank": max(1, int(cfg.rank) // 8), "alpha": float(cfg.alpha) / 8}),
+    Recipe("vera", "VeRA on the same targets: only per-layer scaling vectors train (rank + output size per "
+           "layer), the shared projections are seeded", lambda cfg: {"adapter": "vera"}),
+    Recipe("lokr", "LoKr (Kronecker product) at the config's rank on the same targets", lambda cfg: {"adapter": "lokr"}),
 )
 RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
 
@@ -168,14 +177,15 @@ def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, An
     rows = []
     for candidate in candidates:
         row: dict[str, Any] = {"recipe": candidate.recipe.name, "status": candidate.status,
-                               "changes": json.dumps(candidate.changes), "train_step": candidate.steps}
+                               "changes": json.dumps(candidate.changes), "adapter": candidate.config.train.adapter,
+                               "train_step": candidate.steps}
         if candidate.status == RUN and candidate.finished:
             meta = json.loads((candidate.folder / META_FILE).read_text())
             chosen = meta["selection"]["chosen_step"]
             scores = meta["selection"]["scores"].get(str(chosen), {})
             parameters = int(meta["trainable_parameters"])
-            row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")}, parameters=parameters,
-                       penalty=penalty * parameters / 1e6)
+            row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")},
+                       changed_parameters=parameters, penalty=penalty * parameters / 1e6)
             row["score"] = scores["objective"] - row["penalty"] if "objective" in scores else None
         rows.append(row)
     scored = [row for row in rows if row.get("score") is not None]
@@ -198,12 +208,13 @@ def _drop_losers(candidates: list[Candidate], penalty: float) -> None:
 def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list[dict[str, Any]],
                   config: ml_collections.ConfigDict) -> None:
     """table.csv, then the winner's files into `out`, personalization.json last (it marks the search finished)."""
-    columns = ["recipe", "status", "changes", "train_step", "best_step", *METRICS, "objective", "parameters",
-               "penalty", "score", "winner"]
+    columns = ["recipe", "status", "changes", "adapter", "train_step", "best_step", *METRICS, "objective",
+               "changed_parameters", "penalty", "score", "winner"]
     with atomic_path(work / TABLE_FILE) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
+    plot_frontier(rows, work / FRONTIER_FILE, str(config.train.objective))
     print("\n".join(_table_lines(rows)))
     winner = next(c for c, row in zip(candidates, rows) if row["winner"])
     try:
@@ -233,5 +244,5 @@ def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(f"{row['recipe']:<16} {row['status']:<22} {row['best_step']:>9} {row['sim_face']:>8.3f} "
                      f"{row['edit_face']:>9.3f} {row['edit_clip_text']:>7.3f} {row['objective']:>9.4f} "
-                     f"{row['parameters']:>11,} {row['score']:>8.4f}" + ("  <- winner" if row["winner"] else ""))
+                     f"{row['changed_parameters']:>11,} {row['score']:>8.4f}" + ("  <- winner" if row["winner"] else ""))
     return lines
