@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
         min_snr_gamma=0.0,  # min-SNR-gamma weighting of every row by min(SNR, gamma) / SNR (5 is usual); 0 = off
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
-        adapter="lora",  # U-ViT adapter family (peft): lora, dora (LoRA + weight decomposition), loha, lokr, vera, oft
+        adapter="lora",  # U-ViT adapter family (peft): lora, dora (LoRA + weight decomposition), loha, lokr, vera, oft; none: no U-ViT adapter
         lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT modules the adapter adapts (libs/adapters/lora.py)
         rank=32,  # U-ViT adapter rank (lora, dora, loha, lokr); the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
         alpha=32.0,  # U-ViT adapter alpha (lora, dora, loha, lokr): scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
@@ -168,6 +168,7 @@ def get_config() -> ml_collections.ConfigDict:
         auto_recipes=("base", "half_rank", "double_lr", "identity_levers", "text_lora", "longer"),  # candidates, in order
         auto_budget=2000,  # optimizer steps of all candidates together; one that does not fit is skipped
         auto_param_penalty=0.002,  # objective points subtracted per million changed parameters (U-ViT r=32: 0.049)
+        auto_max_parameters=0,  # recipes that would change more parameters are left out before training; 0 = no limit
     )
     return config
 

@@ -108,6 +108,7 @@ KEY_RANGES: dict[str, Range] = {
     "train.validation_batch_size": AT_LEAST_ONE,
     "train.auto_budget": AT_LEAST_ONE,
     "train.auto_param_penalty": NON_NEGATIVE,
+    "train.auto_max_parameters": NON_NEGATIVE,
 }
 
 

@@ -19,11 +19,12 @@ from libs.files import load_safetensors
 from libs.errors import UserError
 from libs.adapters.lora import LoraSpec, add_lora, lora_state_dict, uvit_lora_modules
 from libs.models.loading import load_uvit
-from libs.train_output import META_FILE, TOKEN_FILE, UVIT_ADAPTER_FILE, UVIT_LORA_FILE
+from libs.train_output import META_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_ADAPTER_FILE, UVIT_LORA_FILE
 from libs.photos import open_image
 from libs.sample.files import save_jpeg
 from libs.sample.pipeline import load_pipeline
-from libs.train import METRICS, Rendered, ValidationScores, train
+from libs.train import METRICS, Rendered, ValidationScores, build_models, count_trainable, make_plan, train
+from libs.train.param_budget import planned_parameters
 from tests.conftest import tiny_world_config
 from tests.entrypoints import run_entry
 
@@ -201,3 +202,26 @@ def test_a_folder_of_another_family_or_size_is_refused_naming_the_difference(tra
     (folder / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(UserError, match=r"does not fit this base model[\s\S]*hada_"):
         load_pipeline(config, "cpu", folder)
+
+
+@pytest.mark.parametrize("settings", [
+    {}, {"adapter": "vera"}, {"adapter": "oft", "text_encoder_mode": "frozen"},
+    {"adapter": "none", "text_encoder_mode": "lora"}, {"adapter": "lokr", "text_encoder_mode": "full", "num_vectors": 2}])
+def test_the_count_before_training_is_what_training_counts(tiny_config, photos, tmp_path, settings):
+    """--auto_max_parameters leaves recipes out by this count: it must be the run's own."""
+    tiny_config.train.update(with_prior_preservation=False, **settings)
+    models = build_models(tiny_config, make_plan(tiny_config, photos, tmp_path / "out"), torch.device("cpu"),
+                          torch.float32)
+    assert planned_parameters(tiny_config) == count_trainable(models.model) > 0
+
+
+def test_text_only_trains_no_uvit_adapter_and_counts_what_it_trained(tiny_config, photos, tmp_path):
+    tiny_config.train.update(adapter="none", text_encoder_mode="lora", with_prior_preservation=False, train_step=2)
+    result = train(tiny_config, photos, tmp_path / "out")
+    meta = json.loads((tmp_path / "out" / META_FILE).read_text())
+    assert "uvit_lora" not in meta and "uvit_adapter" not in meta and meta["version"] == 1
+    assert {p.name for p in result.files} == {META_FILE, TOKEN_FILE, TEXT_LORA_FILE}
+    saved = sum(t.numel() for name in (TOKEN_FILE, TEXT_LORA_FILE)
+                for t in load_safetensors(tmp_path / "out" / name).values())
+    pipeline = load_pipeline(tiny_config, "cpu", tmp_path / "out", count_parameters=True)
+    assert pipeline.finetuned_parameters == result.trainable_parameters == saved == planned_parameters(tiny_config)

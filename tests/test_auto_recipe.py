@@ -19,6 +19,7 @@ from libs.locks import FolderBusyError, claimed_folder
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import plan_candidates
 from libs.train.frontier import pareto_optimal
+from libs.train.param_budget import planned_parameters
 from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 # the objective (sim_face here) of each recipe's validated steps
@@ -73,6 +74,13 @@ def test_candidates_follow_the_documented_recipes_and_the_budget(tiny_config, tm
     low = {c.recipe.name: c for c in plan_candidates(config, tmp_path)}
     assert low["low_rank"].changes == {"rank": 4, "alpha": 4.0}  # adapter lora is already the config's
     assert low["vera"].changes == {"adapter": "vera"} and low["lokr"].changes == {"adapter": "lokr"}
+    # --auto_max_parameters: the rank-32 base is left out before training, the low-parameter recipes stay
+    limit = planned_parameters(low["low_rank"].config)
+    config.train.update(auto_recipes=("base", "low_rank", "vera", "text_only"), auto_max_parameters=limit)
+    statuses = {c.recipe.name: c.status for c in plan_candidates(config, tmp_path)}
+    assert statuses == {"base": "over parameter budget", "low_rank": "trained", "vera": "trained", "text_only": "trained"}
+    assert planned_parameters(plan_candidates(config, tmp_path)[0].config) > limit
+    config.train.auto_max_parameters = 0
     config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
     assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
 

@@ -25,6 +25,7 @@ from libs.errors import UserError
 from libs.adapters.lora import LoraSpec, add_lora, load_lora_state
 
 FAMILIES = ("lora", "dora", "loha", "lokr", "vera", "oft")
+ADAPTERS = (*FAMILIES, "none")  # --adapter: a family, or none (the U-ViT stays the base: token / text encoder only)
 # the layer types peft can adapt per family (peft raises a TypeError deep in the injection otherwise)
 SUPPORTED_LAYERS: dict[str, tuple[type[nn.Module], ...]] = {
     "lora": (nn.Linear, nn.Conv2d), "dora": (nn.Linear, nn.Conv2d), "loha": (nn.Linear, nn.Conv2d),
@@ -59,7 +60,8 @@ class AdapterSpec:
 
     @classmethod
     def from_config(cls, cfg: ml_collections.ConfigDict, target_modules: list[str], seed: int) -> "AdapterSpec":
-        """The spec of `cfg.adapter` from the train keys that size it (the others are not recorded)."""
+        """The spec of `cfg.adapter` (a family, not none) from the train keys that size it (the others are
+        not recorded)."""
         family = str(cfg.adapter)
         if family not in FAMILIES:
             raise AdapterTargetError(f"unknown adapter {family!r}; choose from {', '.join(FAMILIES)}")

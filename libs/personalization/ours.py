@@ -117,9 +117,11 @@ def meta_problems(meta: Any) -> list[str]:
     return problems
 
 
-def adapter_meta(spec: AdapterSpec) -> dict[str, Any]:
+def adapter_meta(spec: AdapterSpec | None) -> dict[str, Any]:
     """personalization.json's entry for the U-ViT adapter: `uvit_lora` as ever for LoRA (a LoRA folder is
-    unchanged and older toolkits read it), `uvit_adapter` naming the family for the others."""
+    unchanged and older toolkits read it), `uvit_adapter` naming the family for the others, none without one."""
+    if spec is None:
+        return {}
     return {"uvit_lora": spec.to_dict()} if spec.family == "lora" else {"uvit_adapter": spec.to_dict()}
 
 

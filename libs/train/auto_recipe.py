@@ -8,7 +8,8 @@ trained and validated as a normal run (its best step chosen by `objective`) and 
 (the competition also ranks the changed-parameter count, spec §7; within one run it is fixed, across
 recipes it differs). The highest score wins. A recipe that changes nothing (the config already has its
 settings) is left out as a duplicate; one whose steps no longer fit into `auto_budget` (the optimizer
-steps of all recipes run) is skipped and the next ones are tried.
+steps of all recipes run) is skipped and the next ones are tried, and so is one that would change more than
+`auto_max_parameters` parameters (counted before it trains, libs/train/param_budget.py).
 
     <out>/auto_recipe/<recipe>/   each recipe's own training folder (train.py's layout; a loser keeps its
                                   personalization.json record, logs and validation, not its adapters)
@@ -37,11 +38,12 @@ from libs.personalization import check_restore_path
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.frontier import plot_frontier
+from libs.train.param_budget import planned_parameters
 from libs.train.plan import TrainingError, make_plan
 from libs.train.selection import METRICS
 from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
-RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
+RUN, DUPLICATE, OVER_BUDGET, OVER_PARAMETERS = "trained", "duplicate", "over budget", "over parameter budget"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ RECIPES = (
     Recipe("vera", "VeRA on the same targets: only per-layer scaling vectors train (rank + output size per "
            "layer), the shared projections are seeded", lambda cfg: {"adapter": "vera"}),
     Recipe("lokr", "LoKr (Kronecker product) at the config's rank on the same targets", lambda cfg: {"adapter": "lokr"}),
+    Recipe("text_only", "no U-ViT adapter: the token and a LoRA on the CLIP text encoder carry the identity",
+           lambda cfg: {"adapter": "none", "text_encoder_mode": "lora"}),
 )
 RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
 
@@ -108,6 +112,8 @@ def plan_candidates(config: ml_collections.ConfigDict, work: Path) -> list[Candi
         same = next((c for c in candidates if c.config.train.to_dict() == candidate_config.train.to_dict()), None)
         if same is not None:
             candidate.status = f"{DUPLICATE} of {same.recipe.name}"
+        elif cfg.auto_max_parameters and planned_parameters(candidate_config) > int(cfg.auto_max_parameters):
+            candidate.status = OVER_PARAMETERS
         elif used + candidate.steps > int(cfg.auto_budget):
             candidate.status = OVER_BUDGET
         else:

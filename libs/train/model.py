@@ -54,7 +54,7 @@ class Models:
 
     model: JointNoisePredictor
     autoencoder: nn.Module
-    uvit_spec: AdapterSpec
+    uvit_spec: AdapterSpec | None  # None: --adapter none
     text_spec: LoraSpec | None
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -66,8 +66,10 @@ def build_models(config: ml_collections.ConfigDict, plan: Plan, device: torch.de
     """Base towers frozen in `weight_dtype`; adapters, token rows and trained text weights in fp32."""
     cfg = config.train
     nnet = load_uvit(config, "cpu", torch.float32)
-    uvit_spec = AdapterSpec.from_config(cfg, uvit_lora_modules(nnet, list(cfg.lora_targets)), int(config.seed))
-    add_adapter(nnet, uvit_spec)
+    uvit_spec = None
+    if cfg.adapter != "none":
+        uvit_spec = AdapterSpec.from_config(cfg, uvit_lora_modules(nnet, list(cfg.lora_targets)), int(config.seed))
+        add_adapter(nnet, uvit_spec)
     nnet.set_gradient_checkpointing(bool(cfg.gradient_checkpointing))
 
     text_encoder = load_text_encoder(config, "cpu")
@@ -86,7 +88,7 @@ def build_models(config: ml_collections.ConfigDict, plan: Plan, device: torch.de
 
     model = JointNoisePredictor(nnet, text_encoder, caption_prefix, int(config.data_type)).requires_grad_(False)
     for name, param in nnet.named_parameters():
-        param.requires_grad_(uvit_spec.prefix in name)
+        param.requires_grad_(uvit_spec is not None and uvit_spec.prefix in name)
     if plan.token:
         text_encoder.token_embedding.extra_weight.requires_grad_(True)
     if mode == "lora":

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from libs.adapters.families import FAMILIES
+from libs.adapters.families import ADAPTERS
 from libs.config import latent_shape, range_problems
 from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.errors import UserError
@@ -27,7 +27,7 @@ from libs.train_output import CHECKPOINT_DIR, CHECKPOINT_STATE, META_FILE, list_
 
 # the keys with a fixed set of values, each from the module that implements them
 CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES,
-           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES, "adapter": FAMILIES}
+           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES, "adapter": ADAPTERS}
 
 
 class TrainingError(UserError):
@@ -69,6 +69,9 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     for key, allowed in CHOICES.items():
         if cfg[key] not in allowed:
             raise TrainingError(f"{key} {cfg[key]!r} not in {allowed}")
+    if cfg.adapter == "none" and cfg.text_encoder_mode == "frozen":
+        raise TrainingError("adapter none with text_encoder_mode frozen trains nothing: choose an --adapter or a "
+                            "--text_encoder_mode other than frozen")
     if "text_out" in cfg.lora_targets:
         raise TrainingError("LoRA target text_out never gets a gradient from the text-to-image loss (the text is "
                             "clean, t_text = 0): leave it out")
