@@ -169,6 +169,7 @@ def get_config() -> ml_collections.ConfigDict:
         auto_budget=2000,  # optimizer steps of all candidates together; one that does not fit is skipped
         auto_param_penalty=0.002,  # objective points subtracted per million changed parameters (U-ViT r=32: 0.049)
         auto_max_parameters=0,  # recipes that would change more parameters are left out before training; 0 = no limit
+        auto_devices="",  # recipes trained concurrently, one process per device: cuda:0,cuda:1 (cpu,cpu without GPUs); "" = in this process
     )
     return config
 

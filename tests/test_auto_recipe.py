@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import csv
 import json
+from copy import deepcopy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 import train as train_script
@@ -154,14 +157,14 @@ def test_a_second_search_on_the_same_folder_stops_at_once(tiny_config, photos, t
         assert [p.name for p in out.iterdir()] == [".lock"]
 
 
-def main_exit(config, photos: Path, out: Path) -> int:
+def main_exit(config, photos: Path, out: Path, *extra: str) -> int:
     config_file = out.parent / "config.py"
     config_file.write_text("from libs.config import load_config\n\n\ndef get_config():\n"
                            "    config = load_config('tiny')\n"
                            f"    config.paths.update({config.paths.to_dict()!r})\n    return config\n")
     return run_entry(train_script, ["--config", config_file, "-d", photos, "-o", out, "--auto_recipe",
                                     "--no_prior_preservation", "--train_step", "2", "--validation_steps", "1",
-                                    "--auto_budget", "6"])
+                                    "--auto_budget", "6", *extra])
 
 
 @pytest.mark.slow
@@ -181,3 +184,37 @@ def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file,
         assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("nothing to resume") == 4
+
+
+@pytest.mark.slow
+def test_a_search_over_two_cpu_processes_gives_the_serial_table_and_winner(tiny_config, photos, tmp_path, monkeypatch):
+    """--auto_devices cpu,cpu: one process per device, the same numbers (same seeds) and the same winner."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the device processes compute as this one (one thread)
+    results = {}
+    for devices in ("", "cpu,cpu"):
+        config = auto_config(deepcopy(tiny_config))
+        config.train.update(auto_recipes=("base", "half_rank", "vera"), auto_budget=6, validation_face_backend="none",
+                            auto_devices=devices)
+        out = tmp_path / (devices or "serial") / "girl1"
+        run_auto_recipe(config, photos, out)
+        with open(out / AUTO_DIR / TABLE_FILE, newline="") as handle:
+            results[devices] = (list(csv.DictReader(handle)), (out / TOKEN_FILE).read_bytes())
+    serial, parallel = results[""], results["cpu,cpu"]
+    assert parallel[0] == serial[0] and all(row["score"] for row in serial[0])
+    assert parallel[1] == serial[1]  # the winner's adapters, bitwise
+    logs = tmp_path / "cpu,cpu" / "girl1" / AUTO_DIR / "logs"
+    assert {p.name for p in logs.glob("*.log")} == {"base.log", "half_rank.log", "vera.log"}
+
+
+@pytest.mark.parametrize("devices, message", [("gpu7", r"device list 'gpu7': unknown device 'gpu7'"),
+                                              ("cuda:0", r"no usable CUDA GPU")])
+def test_an_unknown_device_is_refused_before_anything_is_written(tiny_config, photos, tmp_path, capsys, devices,
+                                                                 message):
+    if devices == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    code = main_exit(tiny_config, photos, out, "--auto_devices", devices)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]) and "Traceback" not in err, err
+    assert not out.exists() or [p.name for p in out.iterdir()] in ([], [".lock"])

@@ -16,7 +16,12 @@ steps of all recipes run) is skipped and the next ones are tried, and so is one 
     <out>/auto_recipe/table.csv   one row per recipe: changes, adapter, steps, best step, scores, changed
                                   parameters, score
     <out>/auto_recipe/frontier.png best-step objective against changed parameters (libs/train/frontier.py)
+    <out>/auto_recipe/logs/       with --auto_devices: each recipe's process output (<recipe>.log) and job
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
+
+With `auto_devices` (cuda:0,cuda:1,... or cpu,cpu) the recipes train concurrently, one process per device
+(libs/train/devices.py, libs/train/recipe_worker.py), each exactly as the serial search trains it: the same
+table and winner.
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
 continues from its last checkpoint. One scorer (face model + CLIP) serves every recipe.
@@ -27,21 +32,25 @@ import copy
 import csv
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 
+from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
+from libs.train.devices import Job, log_tail, parse_devices, run_on_devices
+from libs.train.frontier import plot_frontier
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
-from libs.train.frontier import plot_frontier
 from libs.train.param_budget import planned_parameters
 from libs.train.plan import TrainingError, make_plan
+from libs.train.recipe_worker import write_job
 from libs.train.selection import METRICS
-from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
+from libs.train_output import AUTO_DIR, FRONTIER_FILE, LOG_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
 RUN, DUPLICATE, OVER_BUDGET, OVER_PARAMETERS = "trained", "duplicate", "over budget", "over parameter budget"
 
@@ -107,7 +116,7 @@ def plan_candidates(config: ml_collections.ConfigDict, work: Path) -> list[Candi
         recipe = by_name[name]
         changes = {k: v for k, v in recipe.changes(cfg).items() if cfg[k] != v}
         candidate_config = copy.deepcopy(config)
-        candidate_config.train.update(auto_recipe=False, **changes)
+        candidate_config.train.update(auto_recipe=False, auto_devices="", **changes)
         candidate = Candidate(recipe, candidate_config, changes, work / name, RUN)
         same = next((c for c in candidates if c.config.train.to_dict() == candidate_config.train.to_dict()), None)
         if same is not None:
@@ -143,6 +152,7 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
     if resume not in (None, "latest"):
         raise TrainingError("--auto_recipe continues a search with --resume latest (each recipe from its own checkpoint)")
     plan = make_plan(config, data_dir, out_dir, resume, overwrite)
+    devices = parse_devices(cfg.auto_devices) if cfg.auto_devices else None
     out, work = plan.out_dir, plan.out_dir / AUTO_DIR
     candidates = plan_candidates(config, work)
     if not any(c.status == RUN for c in candidates):
@@ -155,15 +165,22 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
         raise TrainingError(f"{out} holds an unfinished recipe search ({work}); pass --resume latest to continue it "
                             "or --overwrite to start over")
     state = PartialState()
+    if devices is not None and state.num_processes > 1:
+        raise TrainingError("--auto_devices starts one process per device itself: run train.py directly, not under "
+                            "a multi-process accelerate launch")
     if state.is_main_process:
         if overwrite:
             shutil.rmtree(work, ignore_errors=True)
         prepare_output(out, overwrite)
-        if score_fn is None:
+        if score_fn is None and devices is None:  # each device's process scores its own recipes
             score_fn = MetricScorer(config, cfg.validation_face_backend, str(state.device))
     state.wait_for_everyone()
 
     todo = [c for c in candidates if c.status == RUN and not c.finished]
+    if devices is not None and todo:
+        _train_on_devices(todo, devices, plan.data_dir, work, mixed_precision)
+        _drop_losers(candidates, float(cfg.auto_param_penalty))
+        todo = []
     for number, candidate in enumerate(todo, 1):
         changed = ", ".join(f"{k}={v}" for k, v in candidate.changes.items()) or "no changes"
         print(f"=== recipe {candidate.recipe.name} ({number}/{len(todo)} to train): {changed}; {candidate.steps} steps")
@@ -176,6 +193,27 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
         _write_result(out, work, candidates, rows, config)
     state.wait_for_everyone()
     return rows
+
+
+def _train_on_devices(todo: list[Candidate], devices: list[str], data_dir: Path, work: Path,
+                      mixed_precision: str | None) -> None:
+    """The recipes as processes over `devices` (libs/train/devices.py), each exactly the serial search's run;
+    the first failure is raised once every recipe has ended (the others finish and are kept)."""
+    logs = work / LOG_DIR
+    jobs = []
+    for candidate in todo:
+        job_file = logs / f"{candidate.recipe.name}.job.json"
+        write_job(job_file, candidate.config, data_dir.resolve(), candidate.folder.resolve(), mixed_precision)
+        jobs.append(Job(candidate.recipe.name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file)],
+                        logs / f"{candidate.recipe.name}.log", REPO_ROOT))
+    print(f"=== {len(jobs)} recipes on {len(devices)} devices ({', '.join(devices)}); each one's output in {logs}")
+    failures = run_on_devices(jobs, devices)
+    if failures:
+        first = failures[0]
+        others = f"; {len(failures) - 1} more failed ({', '.join(f.job.name for f in failures[1:])})" if failures[1:] else ""
+        raise TrainingError(f"recipe {first.job.name} failed on {first.device} (exit {first.returncode}){others}; the "
+                            f"other recipes finished and are kept. The end of {first.job.log}:\n{log_tail(first.job.log)}\n"
+                            "fix it, then rerun with --resume latest (finished recipes are not trained again)")
 
 
 def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, Any]]:

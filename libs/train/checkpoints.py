@@ -34,7 +34,8 @@ from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CHECKPOINT_OPTIMI
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
                      "validation_steps", "validation_batch_size", "cache_latents", "cache_dir", "encode_batch_size",
                      "gradient_checkpointing", "compile", "auto_recipe", "auto_recipes", "auto_budget",
-                     "auto_param_penalty", "auto_max_parameters")
+                     "auto_param_penalty", "auto_max_parameters",
+                     "auto_devices")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
