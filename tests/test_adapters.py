@@ -210,7 +210,7 @@ def test_a_folder_of_another_family_or_size_is_refused_naming_the_difference(tra
 def test_the_count_before_training_is_what_training_counts(tiny_config, photos, tmp_path, settings):
     """--auto_max_parameters leaves recipes out by this count: it must be the run's own."""
     tiny_config.train.update(with_prior_preservation=False, **settings)
-    models = build_models(tiny_config, make_plan(tiny_config, photos, tmp_path / "out"), torch.device("cpu"),
+    models = build_models(make_plan(tiny_config, photos, tmp_path / "out"), torch.device("cpu"),
                           torch.float32)
     assert planned_parameters(tiny_config) == count_trainable(models.model) > 0
 

@@ -534,12 +534,12 @@ def test_detect_runs_picks_the_completely_rendered_splits(rendered: Path, tmp_pa
     where = _workspace(rendered, tmp_path, ["boy1", "girl1", "boy1_sim", "boy1_edit", "girl1_sim"])
     roots = {split: where / Path(folder).name for split, folder in DEFAULT_PROMPT_ROOTS.items()}
     runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1"])
-    assert [(run.split, [spec.task for spec in run.tasks]) for run in runs] == [
+    assert [(run.split, [spec.name for spec in run.tasks]) for run in runs] == [
         ("preliminary", ["boy1"]), ("advanced", ["boy1_sim", "boy1_edit"])]
     assert runs[1].prompts_dir == roots["advanced"]
     assert runs[1].tasks[1].prompt_file == where / "eval_prompts_advance/boy1_edit.json"
     assert runs[1].tasks[1].output_dir == where / "outputs/boy1_edit"
-    assert runs[1].tasks[1].ref_dir == where / "train_data/boy1"
+    assert runs[1].tasks[1].photo_dir == where / "train_data/boy1"
 
     with pytest.warns(ScoringWarning, match="advanced split only partly rendered.*girl1_edit"):
         runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1", "girl1"])

@@ -21,11 +21,12 @@ from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 import torch
 from torch import nn
 
+from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.adapters.lora import LoraSpec, add_lora, load_lora_state
 
-FAMILIES = ("lora", "dora", "loha", "lokr", "vera", "oft")
-ADAPTERS = (*FAMILIES, "none")  # --adapter: a family, or none (the U-ViT stays the base: token / text encoder only)
+ADAPTERS = KEY_CHOICES["train.adapter"]  # --adapter: a family, or none (the U-ViT stays the base: token / text only)
+FAMILIES = tuple(name for name in ADAPTERS if name != "none")
 # the layer types peft can adapt per family (peft raises a TypeError deep in the injection otherwise)
 SUPPORTED_LAYERS: dict[str, tuple[type[nn.Module], ...]] = {
     "lora": (nn.Linear, nn.Conv2d), "dora": (nn.Linear, nn.Conv2d), "loha": (nn.Linear, nn.Conv2d),
