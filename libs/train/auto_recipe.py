@@ -20,7 +20,7 @@ steps of all recipes run) is skipped and the next ones are tried, and so is one 
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
 
 With `auto_devices` (cuda:0,cuda:1,... or cpu,cpu) the recipes train concurrently, one process per device
-(libs/train/devices.py, libs/train/recipe_worker.py), each exactly as the serial search trains it: the same
+(libs/devices.py, libs/train/recipe_worker.py), each exactly as the serial search trains it: the same
 table and winner.
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
@@ -42,13 +42,12 @@ import ml_collections
 from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
-from libs.train.devices import Job, log_tail, parse_devices, run_on_devices
+from libs.devices import Job, log_tail, parse_devices, run_on_devices
 from libs.train.frontier import plot_frontier
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.param_budget import planned_parameters
 from libs.train.plan import TrainingError, make_plan
-from libs.train.recipe_worker import write_job
 from libs.train.selection import METRICS
 from libs.train_output import AUTO_DIR, FRONTIER_FILE, LOG_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
@@ -197,8 +196,10 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
 
 def _train_on_devices(todo: list[Candidate], devices: list[str], data_dir: Path, work: Path,
                       mixed_precision: str | None) -> None:
-    """The recipes as processes over `devices` (libs/train/devices.py), each exactly the serial search's run;
+    """The recipes as processes over `devices` (libs/devices.py), each exactly the serial search's run;
     the first failure is raised once every recipe has ended (the others finish and are kept)."""
+    from libs.train.recipe_worker import write_job  # the worker's module, run with -m: not imported with the package
+
     logs = work / LOG_DIR
     jobs = []
     for candidate in todo:

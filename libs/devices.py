@@ -5,7 +5,7 @@ process sees only its device (CUDA_VISIBLE_DEVICES), so the code inside it is th
 numbers do not depend on where it ran. Jobs are handed out in order to whichever device is free; every job
 runs to its end even when another fails, and the failures are returned for the caller to report.
 
-    python -m libs.train.devices cuda:0,cpu     prints "<device> <CUDA_VISIBLE_DEVICES value>" per device
+    python -m libs.devices cuda:0,cpu     prints "<device> <CUDA_VISIBLE_DEVICES value>" per device
                                                 (train.sh reads it; a bad list is one `error:` line, exit 2)
 """
 from __future__ import annotations
@@ -117,7 +117,7 @@ def log_tail(path: Path, lines: int = 15) -> str:
 def main(argv: Sequence[str]) -> None:
     """train.sh's check: one line per device, `<device> <CUDA_VISIBLE_DEVICES>`."""
     if len(argv) != 1:
-        raise DeviceError("usage: python -m libs.train.devices <device>[,<device>...]")
+        raise DeviceError("usage: python -m libs.devices <device>[,<device>...]")
     for device in parse_devices(argv[0]):
         print(device, visible_devices(device) or "-")
 
