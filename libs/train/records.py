@@ -12,6 +12,7 @@ from typing import Any
 
 from libs.files import cached_sha256, save_json
 from libs.config import REPO_ROOT
+from libs.personalization import adapter_meta
 from libs.train.model import Models
 from libs.train.plan import Plan
 from libs.train_output import RUN_FILE
@@ -59,7 +60,7 @@ def personalization_meta(plan: Plan, models: Models, trainable: int, warnings: l
         "class_word": plan.class_word,
         "instance_prompt": plan.instance_prompt,
         "text_encoder_mode": cfg.text_encoder_mode,
-        "uvit_lora": models.uvit_spec.to_dict(),
+        **adapter_meta(models.uvit_spec),
         "uvit_lora_targets": list(cfg.lora_targets),
         "base_checkpoint": {"file": nnet_path.name, "sha256": cached_sha256(nnet_path)},
         "trainable_parameters": trainable,
