@@ -13,6 +13,7 @@ steps of all recipes run) is skipped and the next ones are tried.
     <out>/auto_recipe/<recipe>/   each recipe's own training folder (train.py's layout; a loser keeps its
                                   personalization.json record, logs and validation, not its adapters)
     <out>/auto_recipe/table.csv   one row per recipe: changes, steps, best step, scores, parameters, score
+    <out>/auto_recipe/report.html the same table with links to each recipe's run report, and the frontier plot
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
@@ -32,6 +33,7 @@ import ml_collections
 
 from libs.checkpoint import CheckpointError, atomic_path, save_json
 from libs.personalization import META_FILE, check_restore_path
+from libs.report import search_report  # a module: it reads libs.train, which imports this one
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
@@ -207,6 +209,9 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
         writer.writeheader()
         writer.writerows(rows)
     print("\n".join(_table_lines(rows)))
+    report = search_report.write_search_report(work, rows, {c.recipe.name: c.recipe.what for c in candidates},
+                                               float(config.train.auto_param_penalty))
+    print(f"search report: {report}")
     winner = next(c for c, row in zip(candidates, rows) if row["winner"])
     try:
         check_restore_path(winner.folder)
@@ -221,7 +226,8 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
             shutil.copyfile(winner.folder / name, tmp)
     meta["auto_recipe"] = {"winner": winner.recipe.name, "budget": int(config.train.auto_budget),
                            "param_penalty": float(config.train.auto_param_penalty), "table": rows,
-                           "recipes": {c.recipe.name: c.recipe.what for c in candidates}}
+                           "recipes": {c.recipe.name: c.recipe.what for c in candidates},
+                           "report": report.relative_to(out).as_posix()}
     save_json(meta, out / META_FILE)
     print(f"auto recipe: {winner.recipe.name} wins; its adapters (step {meta['selection']['chosen_step']}) are in {out}")
 

@@ -71,8 +71,35 @@ def write_run_file(plan: Plan, accelerator: Any, trainable: int, sources: list[d
     save_json({"config": plan.config.to_dict(), "data_dir": str(plan.data_dir), "class_dir": str(plan.class_dir),
                "instance_prompt": plan.instance_prompt, "class_word": plan.class_word,
                "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+               "device": str(accelerator.device),
                "trainable_parameters": trainable, "images": sources, "command": sys.argv,
                "versions": package_versions()}, plan.out_dir / RUN_FILE)
+
+
+def read_run_file(out: Path) -> dict[str, Any] | None:
+    """train_config.json of a run folder; None when there is none or it is not a JSON object."""
+    try:
+        data = json.loads((Path(out) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_log(out: Path) -> list[dict[str, Any]]:
+    """The log lines of a run folder in order (training lines and validation lines share a step); a line
+    that is not a JSON object with a step (a run killed mid-write) is left out."""
+    path = Path(out) / LOG_DIR / LOG_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            lines.append(record)
+    return lines
 
 
 def package_versions() -> dict[str, str]:
