@@ -136,14 +136,14 @@ def _settings(out: Path, run: dict[str, Any], log: list[dict[str, Any]], selecti
         ("seed", str(config.get("seed"))),
         ("device", f"{run.get('device', 'unknown')}, mixed precision {run.get('mixed_precision')}, "
                    f"{run.get('num_processes')} process(es)"),
-        ("time per step", f"{per_step:.3f} s (median, training steps only)" if per_step is not None else "unknown"),
+        ("time per step", f"{per_step:.3f} s (median, validation left out)" if per_step is not None else "unknown"),
         ("total time", f"{total:.0f} s from the encodings to the last logged step, {validating:.0f} s of it "
                        "validating" if total is not None else "unknown"),
         ("versions", ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items()
                                if k in ("torch", "peft", "transformers", "git_commit"))),
     ]
     return ["<h2>Settings</h2>", table(["setting", "value"], [[f"<th class='text'>{esc(k)}</th>", td(v, text=True)]
-                                                              for k, v in rows])]
+                                                              for k, v in rows], css="settings")]
 
 
 def _validation_setting(cfg: dict[str, Any]) -> str:
@@ -157,24 +157,25 @@ def _validation_setting(cfg: dict[str, Any]) -> str:
 
 def _timing(log: list[dict[str, Any]]) -> tuple[float | None, float | None, float]:
     """(median seconds per training step, total seconds, seconds validating). `elapsed_s` restarts with each
-    process (a resumed run), so the total adds up the segments; steps that straddle a validation are left out."""
+    process (a resumed run), so the total adds up the segments; the rendering and scoring of validations
+    between two logged steps is taken out of their interval."""
     per_step: list[float] = []
-    total, segment_end, validating = 0.0, 0.0, 0.0
+    total, segment_end, validating, validated_since = 0.0, 0.0, 0.0, 0.0
     previous: dict[str, Any] | None = None
-    validated_since = False
     for line in log:
         if "validation_render_s" in line:
-            validating += float(line["validation_render_s"]) + float(line.get("validation_score_s", 0.0))
-            validated_since = True
+            seconds = float(line["validation_render_s"]) + float(line.get("validation_score_s", 0.0))
+            validating += seconds
+            validated_since += seconds
         if "elapsed_s" not in line:
             continue
         elapsed = float(line["elapsed_s"])
         if previous is not None and elapsed >= previous["elapsed_s"]:
-            if not validated_since and line["step"] > previous["step"]:
-                per_step.append((elapsed - previous["elapsed_s"]) / (line["step"] - previous["step"]))
+            if line["step"] > previous["step"]:
+                per_step.append((elapsed - previous["elapsed_s"] - validated_since) / (line["step"] - previous["step"]))
         elif previous is not None:
             total += segment_end  # a new process: the previous segment ended at its last line
-        segment_end, previous, validated_since = elapsed, line, False
+        segment_end, previous, validated_since = elapsed, line, 0.0
     if previous is None:
         return None, None, validating
     return (statistics.median(per_step) if per_step else None), total + segment_end, validating
