@@ -12,7 +12,7 @@ from libs.checkpoint import atomic_path
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right;vertical-align:top}th{background:#eee}
-td.text,th.text{text-align:left}tr.chosen td,tr.chosen th{background:#ffe9a8;font-weight:bold}
+th{text-align:left}td.text,th.text{text-align:left}a{white-space:nowrap}tr.chosen td,tr.chosen th{background:#ffe9a8;font-weight:bold}
 .note{color:#555}.warn{color:#b40}ul.warn li{margin:.2em 0}img.plot{max-width:100%}
 .thumbs figure{display:inline-block;margin:4px;font-size:.8em;text-align:center;vertical-align:top}
 .thumbs img{height:160px;display:block}table.images td{padding:2px}table.images img{width:128px;height:128px;display:block}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from libs.checkpoint import atomic_path
+from libs.personalization import META_FILE
 from libs.report.html import esc, img, link, page, score_cell, table, td, write_page
 from libs.report.trained import REPORT_FILE
 from libs.train.selection import METRICS
@@ -29,7 +30,7 @@ def write_search_report(work: str | Path, rows: Sequence[Mapping[str, Any]], rec
     if winner is not None:
         body.append(f"<p>Winner: <b>{esc(winner['recipe'])}</b> (step {winner['best_step']}), the highest score = "
                     f"best objective &minus; {penalty:g} &times; changed parameters / 1e6. Its adapters are in "
-                    f"{link(work.parent, work, work.parent.name + '/')}.</p>")
+                    f"{link(work.parent / META_FILE, work, work.parent.name + '/')}.</p>")
     else:
         body.append("<p>No recipe finished yet.</p>")
     body += _table(work, rows, recipes)
@@ -51,7 +52,7 @@ def _table(work: Path, rows: Sequence[Mapping[str, Any]], recipes: Mapping[str, 
             td(", ".join(f"{k}={v}" for k, v in changes.items()) or "(base)", text=True),
             td(row["status"], text=True), td(row.get("train_step")), td(row.get("best_step")),
             *(score_cell(row.get(metric)) for metric in METRICS), td(row.get("objective"), 4),
-            td(row.get("parameters")), td(row.get("penalty"), 4), td(row.get("score"), 4),
+            td(row.get("parameters")), td(row.get("penalty"), 6), td(row.get("score"), 4),
             f"<td>{link(report, work, 'run report')}</td>" if report.is_file() else "<td></td>",
         ])
     headers = ["recipe", "settings that differ from base", "status", "steps", "best step", *METRICS, "objective",
@@ -78,6 +79,7 @@ def plot_frontier(rows: Sequence[Mapping[str, Any]], penalty: float, path: Path)
         axis.annotate(row["recipe"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
         if penalty > 0:
             axis.plot(span, [row["score"] + penalty * s for s in span], linestyle=":", color="grey", linewidth=1)
+    axis.ticklabel_format(useOffset=False)
     axis.set_xlabel("changed parameters (millions)")
     axis.set_ylabel("best objective")
     axis.grid(alpha=0.3)
