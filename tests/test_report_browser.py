@@ -8,6 +8,7 @@ also writes the README's picture of the demo's run report (assets/run_report.png
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -84,13 +85,12 @@ def open_page(driver, page: Path, screenshot: Path) -> None:
     for url in driver.execute_script("return Array.from(document.querySelectorAll('a[href]')).map(a => a.href)"):
         parsed = urlparse(url)
         assert parsed.scheme == "file" and Path(unquote(parsed.path)).is_file(), url
-    width, height = driver.execute_script(
-        "return [document.documentElement.scrollWidth, document.documentElement.scrollHeight]")
-    driver.set_window_size(max(1280, width), height + 100)
-    driver.save_screenshot(str(screenshot))
-    driver.set_window_size(1280, 900)
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": {
+        "x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}})
+    screenshot.write_bytes(base64.b64decode(shot["data"]))
     with Image.open(screenshot) as image:
-        assert image.size[1] >= height
+        assert image.size[1] >= size["height"] - 1  # the whole page, not the window
 
 
 def highlighted(driver, css: str) -> list[str]:
@@ -127,3 +127,5 @@ def test_search_report_in_the_browser(browser, search, tmp_path):
     for recipe in ("base", "half_rank", "double_lr"):  # each recipe's run report opens as well
         open_page(browser, page.parent / recipe / "report.html", tmp_path / f"{recipe}.png")
     open_page(browser, search["report"], tmp_path / "search_score_report.png")
+    links = browser.execute_script("return Array.from(document.querySelectorAll('table.training a')).map(a => a.href)")
+    assert links == [page.as_uri()]  # a searched subject's training is its search

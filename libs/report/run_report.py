@@ -190,18 +190,21 @@ def _photos(out: Path, run: dict[str, Any]) -> list[str]:
     resolution = int((run.get("config") or {}).get("resolution", 512))
     boxes = face_boxes(data_dir) if data_dir.is_dir() else {}
     figures = []
-    for number, source in enumerate(sources):
+    for source in sources:
         path = Path(source["file"])
-        thumb = out / FILES_DIR / f"photo-{number:02d}.jpg"
-        try:
-            photo = open_image(path)
-        except PhotoError as error:
-            figures.append(f"<figure>{esc(path.name)}<br><span class='warn'>unreadable now: {esc(error)}</span></figure>")
-            continue
-        box = boxes.get(path.name)
         framing = source.get("crop", "")
-        square = training_square(photo.size, resolution, box) if box is not None or framing.startswith("center") else None
-        save_bytes(_thumbnail(photo, box, square), thumb)
+        thumb = out / FILES_DIR / f"photo-{str(source.get('sha256', path.stem))[:16]}.jpg"  # made once per photo
+        if not thumb.is_file():
+            try:
+                photo = open_image(path)
+            except PhotoError as error:
+                figures.append(f"<figure>{esc(path.name)}<br><span class='warn'>unreadable now: {esc(error)}</span>"
+                               "</figure>")
+                continue
+            box = boxes.get(path.name)
+            square = (training_square(photo.size, resolution, box) if box is not None or framing.startswith("center")
+                      else None)
+            save_bytes(_thumbnail(photo, box, square), thumb)
         figures.append(f"<figure>{img(thumb, out, path.name)}{esc(path.name)}<br>{esc(framing)}</figure>")
     return ["<h2>Subject photos</h2><p class='note'>green: the face box of crops.json; amber: the square the "
             "training cut (resized to the training resolution)</p><div class='thumbs'>", *figures, "</div>"]
