@@ -109,7 +109,7 @@ def test_run_report_in_the_browser(browser, demo, tmp_path):
         with Image.open(tmp_path / "run_report.png") as image:
             small = image.convert("RGB").resize((README_WIDTH, round(image.height * README_WIDTH / image.width)),
                                                 Image.LANCZOS)
-            small.quantize(colors=128).save(Path(target) / README_PICTURE, optimize=True)
+            small.quantize(colors=256, method=Image.Quantize.FASTOCTREE).save(Path(target) / README_PICTURE, optimize=True)
         assert (Path(target) / README_PICTURE).stat().st_size < 400_000
 
 
