@@ -21,8 +21,8 @@ from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_confi
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.sample_runs import SampleRun, check_runs, discover_runs, render_runs
-from libs.sampling import CFG_MODES, resolve_device
+from libs.sample.runs import SampleRun, check_runs, discover_runs, render_runs
+from libs.sample.pipeline import CFG_MODES, resolve_device
 
 
 # keys outside config.sample that are flags too: flag name -> dotted key

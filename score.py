@@ -18,10 +18,10 @@ import warnings
 
 from libs.errors import run_cli
 from libs.face import BACKENDS, INSIGHTFACE_ROOT
-from libs.score_report import summary_lines, task_lines, write_reports
-from libs.score_results import ADVANCED, PRELIMINARY, ScoreResult
-from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
-from libs.subjects import SUBJECTS
+from libs.score.report import summary_lines, task_lines, write_reports
+from libs.score.results import ScoreResult
+from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
+from libs.layout import ADVANCED, PRELIMINARY, SUBJECTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,7 +20,7 @@ import ml_collections
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.lora import BLOCK_TARGETS, TOP_LEVEL_TARGETS
+from libs.adapters.lora import BLOCK_TARGETS, TOP_LEVEL_TARGETS
 from libs.train import CHOICES, RECIPES, run_auto_recipe, train
 
 # keys outside config.train that are flags too: flag name -> dotted key

@@ -127,7 +127,7 @@ def write_random_checkpoints(config: ml_collections.ConfigDict, folder: str | Pa
 def write_personalization(config: ml_collections.ConfigDict, folder: str | Path, seed: int = 0) -> Path:
     """A personalization as train.py writes it with the config's recipe (U-ViT LoRA of `train.rank` on the
     default targets with small random B, a `<new1>` token), for the random base models of `config`."""
-    from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+    from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
     from libs.models.loading import load_text_encoder, load_uvit
     from libs.personalization import save_personalization
 
@@ -154,7 +154,7 @@ def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iter
 
 def write_scorer_clip(folder: Path, sizes: ml_collections.ConfigDict, seed: int = 0) -> Path:
     """A random full CLIPModel (image tower of `sizes`, text tower of `sizes`) with the real tokenizer: what
-    libs.scoring.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
+    libs.score.scorer.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
     torch.manual_seed(seed)
     write_clip_tokenizer(folder)
     with quiet_transformers():

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from libs.checkpoint import CheckpointError, DOWNLOAD_HINT
+from libs.files import CheckpointError, DOWNLOAD_HINT
 from libs.config import REPO_ROOT, extra_models_dir
 
 UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"

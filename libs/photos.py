@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from libs.checkpoint import save_json
+from libs.files import save_json
 from libs.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

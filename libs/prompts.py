@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from libs.errors import UserError
-from libs.subjects import CLASS_WORDS
+from libs.layout import CLASS_WORDS
 
 
 class PromptFileError(UserError):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, GPT2Config, GPT2LMHeadModel
 
-from libs.checkpoint import atomic_path
+from libs.files import atomic_path
 from libs.config import load_config
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIP_MEAN, CLIP_STD

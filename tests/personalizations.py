@@ -6,10 +6,10 @@ from pathlib import Path
 import ml_collections
 import torch
 
-from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 
 
 def write_personalization(config: ml_collections.ConfigDict, folder: Path, rank: int, class_word: str,

@@ -9,7 +9,7 @@ import torch
 
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import load_caption_decoder
-from libs.checkpoint import CheckpointError, load_torch_state_dict
+from libs.files import CheckpointError, load_torch_state_dict
 from libs.config import load_config
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "caption_decoder.json"

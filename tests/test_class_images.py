@@ -1,5 +1,5 @@
-"""libs.class_sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
-layouts), the class-set loader's checks, and class image generation when libs.sampling is present."""
+"""libs.class_images.sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
+layouts), the class-set loader's checks, and class image generation when libs.sample.pipeline is present."""
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +12,8 @@ from PIL import Image
 
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
-from libs.class_set import ClassSetError, load_class_set
-from libs.class_sources import generate_class_images, import_celeba, read_celeba_attribute
+from libs.class_images.folder import ClassSetError, load_class_set
+from libs.class_images.sources import generate_class_images, import_celeba, read_celeba_attribute
 from tools import class_images
 
 

@@ -105,7 +105,7 @@ def test_original_text_encoder_state_is_what_from_pretrained_loads(tiny_config, 
     config names no dtype) and a pytorch_model.bin folder."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
-    from libs.checkpoint import LazySafetensors
+    from libs.files import LazySafetensors
 
     if layout != "text_model":
         tiny = CLIPTextModel.from_pretrained(tiny_config.paths.clip_text)

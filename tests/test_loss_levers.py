@@ -15,7 +15,7 @@ from torch import nn
 
 from libs.diffusion import alphas_cumprod
 from libs.models.loading import load_autoencoder, load_image_encoder
-from libs.checkpoint import load_safetensors
+from libs.files import load_safetensors
 from libs.photos import CROPS_FILE, PhotoError
 from libs.train import Batch, BatchMaker, ImageEncoder, LatentSource, TrainData, load_instance_images, loss_terms
 from libs.train.batches import mask_weights, min_snr_weights

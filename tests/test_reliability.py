@@ -22,12 +22,11 @@ from PIL import Image
 import sample
 import train
 from entrypoints import run_entry
-from libs.checkpoint import cached_sha256, hash_cache_dir
+from libs.files import cached_sha256, hash_cache_dir
 from libs.config import REPO_ROOT
-from libs.personalization import META_FILE
 from libs.photos import image_is_complete
 from libs.prompts import image_name
-from libs.train.checkpoints import CHECKPOINT_DIR, list_checkpoints
+from libs.train_output import CHECKPOINT_DIR, META_FILE, list_checkpoints
 from personalizations import write_personalization
 
 PROMPTS = ["a boy smiling", "a boy on the beach", "a boy in the snow"]

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 import pytest
 from PIL import Image
 
-from libs.personalization import META_FILE
+from libs.train_output import META_FILE
 from tools.demo import run_demo
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

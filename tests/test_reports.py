@@ -15,14 +15,14 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_world_config
-from libs.personalization import META_FILE
 from libs.report.html import esc, rel_link, table
-from libs.report.trained import REPORT_FILE, find_training
-from libs.score_report import REPORT_HTML, write_reports
-from libs.score_results import ADVANCED, ImageScore, PromptScore, ScoreResult, TaskResult
+from libs.layout import ADVANCED
+from libs.report.trained import find_training
+from libs.score.report import REPORT_HTML, write_reports
+from libs.score.results import ImageScore, PromptScore, ScoreResult, TaskResult
 from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe, train
-from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE
 from libs.train.records import read_log
+from libs.train_output import AUTO_DIR, META_FILE, REPORT_FILE, TABLE_FILE
 from report_pages import linked_files, soup, table_rows
 
 SIM_FACE = {1: 0.20, 2: 0.80, 3: 0.30, 4: 0.50}  # step 2 has the highest objective

@@ -18,7 +18,7 @@ from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.prompts import image_name
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 from personalizations import write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)

@@ -24,9 +24,9 @@ from libs.face import DlibBackend, InsightFaceBackend
 from libs.photos import PhotoError
 from libs.photos import open_image as load_rgb
 from libs.prompts import image_name
-from libs.score_report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON
-from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
-from libs.subjects import SUBJECTS
+from libs.score.report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON
+from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
+from libs.layout import SUBJECTS
 from test_face import synthetic_face, write_tiny_insightface_pack
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
@@ -534,12 +534,12 @@ def test_detect_runs_picks_the_completely_rendered_splits(rendered: Path, tmp_pa
     where = _workspace(rendered, tmp_path, ["boy1", "girl1", "boy1_sim", "boy1_edit", "girl1_sim"])
     roots = {split: where / Path(folder).name for split, folder in DEFAULT_PROMPT_ROOTS.items()}
     runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1"])
-    assert [(run.split, [spec.task for spec in run.tasks]) for run in runs] == [
+    assert [(run.split, [spec.name for spec in run.tasks]) for run in runs] == [
         ("preliminary", ["boy1"]), ("advanced", ["boy1_sim", "boy1_edit"])]
     assert runs[1].prompts_dir == roots["advanced"]
     assert runs[1].tasks[1].prompt_file == where / "eval_prompts_advance/boy1_edit.json"
     assert runs[1].tasks[1].output_dir == where / "outputs/boy1_edit"
-    assert runs[1].tasks[1].ref_dir == where / "train_data/boy1"
+    assert runs[1].tasks[1].photo_dir == where / "train_data/boy1"
 
     with pytest.warns(ScoringWarning, match="advanced split only partly rendered.*girl1_edit"):
         runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1", "girl1"])

@@ -17,7 +17,7 @@ from conftest import tiny_world_config
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 from personalizations import write_subjects
 from test_face import write_tiny_insightface_pack
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm_vae_reference import LDMAutoencoderKL
-from libs.checkpoint import CheckpointError, load_torch_state_dict
+from libs.files import CheckpointError, load_torch_state_dict
 from libs.config import load_config
 from libs.download import download_weights, ensure_weights, weight_items
 from libs.tiny_world import MARKER, build_tiny_world
@@ -84,7 +84,7 @@ def test_atomic_writes_get_normal_permissions(tmp_path):
     import os
     import stat
 
-    from libs.checkpoint import save_json
+    from libs.files import save_json
 
     save_json({"a": 1}, tmp_path / "x.json")
     mode = stat.S_IMODE((tmp_path / "x.json").stat().st_mode)

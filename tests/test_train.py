@@ -17,19 +17,19 @@ from PIL import Image
 
 import train as train_script
 from entrypoints import run_entry, script_repo
-from libs.checkpoint import load_safetensors
-from libs.class_set import write_class_set
+from libs.files import load_safetensors
+from libs.class_images.folder import write_class_set
 from libs.config import REPO_ROOT, load_config
 from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas
-from libs.lora import LoraSpec, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, uvit_lora_modules
 from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder, load_uvit
-from libs.param_count import count_finetuned_parameters
-from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE,
-                                  load_personalization)
+from libs.adapters.param_count import count_finetuned_parameters
+from libs.personalization import load_personalization
 from libs.prompts import fill_prompt
-from libs.subjects import class_word_from_path
-from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
-                        build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
+from libs.layout import class_word_from_path
+from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
+from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
+                               TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
 
 
 @pytest.fixture()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from libs.checkpoint import CheckpointError, load_torch_state_dict
+from libs.files import CheckpointError, load_torch_state_dict
 from libs.config import load_config
 from libs.models.loading import build_uvit, load_uvit
 

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
 from typing import Any, Sequence  # noqa: E402
 
-from libs.class_set import IMAGES_DIR, ClassSetError  # noqa: E402
-from libs.class_sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
+from libs.class_images.folder import IMAGES_DIR, ClassSetError  # noqa: E402
+from libs.class_images.sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
                                 import_celeba, missing_indices)
 from libs.errors import run_cli  # noqa: E402
 
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> None:
         sets = {}
         for word in args.class_word:
             if pipeline is None and missing_indices(out_dir / word, args.num_images):
-                from libs.sampling import load_pipeline
+                from libs.sample.pipeline import load_pipeline
 
                 pipeline = load_pipeline(config, device)  # once for all class words
             sets[word] = generate_class_images(config, out_dir / word, word, args.num_images, args.seed,

@@ -26,9 +26,8 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 from libs.config import REPO_ROOT  # noqa: E402
 from libs.errors import UserError, run_cli  # noqa: E402
-from libs.report.trained import REPORT_FILE  # noqa: E402
-from libs.score_report import REPORT_HTML  # noqa: E402
-from libs.train.auto_recipe import AUTO_DIR  # noqa: E402
+from libs.score.report import REPORT_HTML  # noqa: E402
+from libs.train_output import AUTO_DIR, REPORT_FILE  # noqa: E402
 from libs.tiny_world import build_tiny_world  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets" / "demo"

@@ -26,7 +26,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 from transformers.utils import logging as hf_logging
 
-from libs.checkpoint import (DOWNLOAD_HINT, CheckpointError, LazySafetensors, key_mismatches, load_strict,
+from libs.files import (DOWNLOAD_HINT, CheckpointError, LazySafetensors, key_mismatches, load_strict,
                              load_torch_state_dict, safetensors_files)
 from libs.config import EXTRA_MODELS_ENV, hub_offline
 from libs.download import resolve_pretrained

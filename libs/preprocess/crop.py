@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_path, file_sha256
+from libs.files import atomic_path, file_sha256
 from libs.photos import (IMAGE_EXTENSIONS, MASKS_FOLDER, PhotoError, is_image_file, open_image, read_crops_record,
                          write_crops_record)
 from libs.preprocess.background import BackgroundRemover

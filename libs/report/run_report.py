@@ -16,20 +16,18 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from libs.checkpoint import CheckpointError, save_bytes
-from libs.personalization import META_FILE, read_meta
+from libs.files import CheckpointError, save_bytes
+from libs.layout import ADVANCED_SPLITS
+from libs.personalization import read_meta
 from libs.photos import PhotoError, face_boxes, open_image
 from libs.prompts import PromptFileError, image_name, load_prompts
 from libs.report.html import esc, img, page, score_cell, table, td, write_page
-from libs.report.trained import REPORT_FILE
-from libs.subjects import ADVANCED_SPLITS
-from libs.train.curves import CURVES_FILE
 from libs.train.images import training_square
-from libs.train.metrics import PROMPTS_DIR
-from libs.train.records import VALIDATION_DIR, read_log, read_run_file
+from libs.train.records import read_log, read_run_file
 from libs.train.selection import METRICS, Selection
+from libs.train_output import (CURVES_FILE, META_FILE, PROMPTS_DIR, REPORT_FILE, REPORT_FILES_DIR, VALIDATION_DIR,
+                               validation_step_dir)
 
-FILES_DIR = "report_files"  # the photos' thumbnails, beside the page
 THUMB_HEIGHT = 240
 FACE_COLOUR, SQUARE_COLOUR = (40, 200, 40), (255, 190, 0)
 
@@ -193,7 +191,7 @@ def _photos(out: Path, run: dict[str, Any]) -> list[str]:
     for source in sources:
         path = Path(source["file"])
         framing = source.get("crop", "")
-        thumb = out / FILES_DIR / f"photo-{str(source.get('sha256', path.stem))[:16]}.jpg"  # made once per photo
+        thumb = out / REPORT_FILES_DIR / f"photo-{str(source.get('sha256', path.stem))[:16]}.jpg"  # made once per photo
         if not thumb.is_file():
             try:
                 photo = open_image(path)
@@ -259,10 +257,10 @@ def _images(out: Path, validations: list[dict[str, Any]], selection: dict[str, A
             except PromptFileError:
                 continue
             columns += [(prompt_file.stem, prompt, index) for index, prompt in enumerate(prompts)]
-    steps = [v["step"] for v in validations if (folder / f"step-{v['step']:06d}").is_dir()]
+    steps = [v["step"] for v in validations if validation_step_dir(out, v['step']).is_dir()]
     if not columns or not steps:
         return []
-    per_prompt = max(1, max(len(list((folder / f"step-{s:06d}" / task).glob(f"{i}-*.jpg")))
+    per_prompt = max(1, max(len(list((validation_step_dir(out, s) / task).glob(f"{i}-*.jpg")))
                             for s in steps for task, _, i in columns))
     captions = "".join(f"<th class='prompt' colspan='{per_prompt}'>{esc(task.rsplit('_', 1)[-1])}: {esc(prompt)}</th>"
                        for task, prompt, _ in columns)
@@ -271,7 +269,7 @@ def _images(out: Path, validations: list[dict[str, Any]], selection: dict[str, A
         cells = []
         for task, prompt, index in columns:
             for idx in range(per_prompt):
-                path = folder / f"step-{step:06d}" / task / image_name(index, idx)
+                path = validation_step_dir(out, step) / task / image_name(index, idx)
                 cells.append(f"<td>{img(path, out, f'step {step}: {prompt} #{idx}')}</td>" if path.is_file()
                              else "<td class='missing'>missing</td>")
         css = " class='chosen'" if step == selection.get("chosen_step") else ""

@@ -11,13 +11,10 @@ import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from libs.checkpoint import atomic_path
-from libs.personalization import META_FILE
+from libs.files import atomic_path
 from libs.report.html import esc, img, link, page, score_cell, table, td, write_page
-from libs.report.trained import REPORT_FILE
 from libs.train.selection import METRICS
-
-FRONTIER_FILE = "frontier.png"
+from libs.train_output import FRONTIER_FILE, META_FILE, REPORT_FILE
 
 
 def write_search_report(work: str | Path, rows: Sequence[Mapping[str, Any]], recipes: Mapping[str, str],

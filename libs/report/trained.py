@@ -2,19 +2,16 @@
 search report of an --auto_recipe folder) and the five numbers validation predicted for the chosen step.
 
 Read from `model_output/<name>/personalization.json` (libs/personalization.py): its `selection` holds every
-validated step's numbers and the chosen step, its `auto_recipe` (a search) the search report's place.
+validated step's numbers and the chosen step; an `auto_recipe` record marks a search (its report is the search's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from libs.checkpoint import CheckpointError
-from libs.personalization import META_FILE, read_meta
-
-REPORT_FILE = "report.html"
-"""The page of a training run folder and of a search folder (libs/report/run_report.py, search_report.py)."""
-
+from libs.files import CheckpointError
+from libs.personalization import read_meta
+from libs.train_output import AUTO_DIR, META_FILE, REPORT_FILE
 
 @dataclass
 class TrainedSubject:
@@ -37,8 +34,7 @@ def find_training(model_output: str | Path, name: str) -> TrainedSubject | None:
         return None
     selection = meta.get("selection") or {}
     chosen = selection.get("chosen_step")
-    search = meta.get("auto_recipe") or {}
-    page = folder / search["report"] if isinstance(search.get("report"), str) else folder / REPORT_FILE
+    page = folder / AUTO_DIR / REPORT_FILE if meta.get("auto_recipe") else folder / REPORT_FILE
     scores = (selection.get("scores") or {}).get(str(chosen)) or {}
     predicted = {k: float(v) for k, v in scores.items() if isinstance(v, (int, float)) and k != "objective"}
     return TrainedSubject(name, folder, page if page.is_file() else None, chosen if isinstance(chosen, int) else None,

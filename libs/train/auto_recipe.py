@@ -31,17 +31,15 @@ from typing import Any, Callable
 
 import ml_collections
 
-from libs.checkpoint import CheckpointError, atomic_path, save_json
-from libs.personalization import META_FILE, check_restore_path
+from libs.files import CheckpointError, atomic_path, save_json
+from libs.personalization import check_restore_path
 from libs.report import search_report  # a module: it reads libs.train, which imports this one
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
-from libs.train.records import OUTPUT_FILES, RUN_FILE, prepare_output
 from libs.train.selection import METRICS
+from libs.train_output import AUTO_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
-AUTO_DIR = "auto_recipe"
-TABLE_FILE = "table.csv"
 RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
 
 
@@ -226,8 +224,7 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
             shutil.copyfile(winner.folder / name, tmp)
     meta["auto_recipe"] = {"winner": winner.recipe.name, "budget": int(config.train.auto_budget),
                            "param_penalty": float(config.train.auto_param_penalty), "table": rows,
-                           "recipes": {c.recipe.name: c.recipe.what for c in candidates},
-                           "report": report.relative_to(out).as_posix()}
+                           "recipes": {c.recipe.name: c.recipe.what for c in candidates}}
     save_json(meta, out / META_FILE)
     print(f"auto recipe: {winner.recipe.name} wins; its adapters (step {meta['selection']['chosen_step']}) are in {out}")
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from libs.checkpoint import CheckpointError, cached_sha256, file_sha256, load_safetensors, save_safetensors
+from libs.files import CheckpointError, cached_sha256, file_sha256, load_safetensors, save_safetensors
 from libs.config import LATENT_FACTOR
 from libs.models.clip import CLIPTextEncoder, clip_image_preprocess
 from libs.models.loading import image_encoder_source, load_image_encoder

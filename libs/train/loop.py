@@ -25,19 +25,20 @@ from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.report import run_report  # a module: it reads libs.train records, loop and validation call it
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
-                                    read_checkpoint_state, recipe_differences, remove_checkpoints)
-from libs.train.curves import CURVES_FILE, plot_curves
+from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
+from libs.train.curves import plot_curves
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
 from libs.train.optim import make_optimizer, make_scheduler
 from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.records import (VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
+from libs.train.records import (RunLog, personalization_meta, start_summary,
                                 step_logs, write_run_file)
 from libs.train.selection import Selection
 from libs.train.validation import Validation
+from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, VALIDATION_DIR, list_checkpoints, prepare_output,
+                               remove_checkpoints)
 
 
 @dataclass

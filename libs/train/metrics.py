@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from libs.checkpoint import save_json
+from libs.files import save_json
 from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend
 from libs.prompts import fill_prompt, image_name, rewrite_prompt
-from libs.score_results import ADVANCED, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS
+from libs.score.results import ScoreResult, TaskResult
+from libs.layout import ADVANCED, ADVANCED_SPLITS
+from libs.train_output import PROMPTS_DIR
 
 FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
-PROMPTS_DIR = "prompts"
 STREAM_VALIDATION = 6  # after libs/train/batches.py's streams: the validation images' generators
 
 
@@ -149,11 +149,11 @@ def validation_face_backend(name: str) -> FaceBackend:
 
 
 class MetricScorer:
-    """libs.scoring's Scorer (face backend + CLIP ViT-B/32, loaded once, references cached per folder)
+    """libs.score.scorer's Scorer (face backend + CLIP ViT-B/32, loaded once, references cached per folder)
     applied to a validated step, aggregated as score.py aggregates the advanced split."""
 
     def __init__(self, config: ml_collections.ConfigDict, face_backend: str = "auto", device: str = "cpu"):
-        from libs.scoring import Scorer  # here: libs.train.plan imports this module for its choices only
+        from libs.score.scorer import Scorer  # here: libs.train.plan imports this module for its choices only
 
         self.scorer = Scorer(validation_face_backend(face_backend), config=config, device=str(device),
                              progress=False)
@@ -164,7 +164,7 @@ class MetricScorer:
         return self.scorer.face.name
 
     def __call__(self, rendered: Rendered) -> ValidationScores:
-        from libs.scoring import ScoringWarning
+        from libs.score.scorer import ScoringWarning
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ScoringWarning)  # said once below, not at every step

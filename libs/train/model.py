@@ -10,7 +10,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from libs.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
 from libs.train.plan import Plan, TrainingError
 

@@ -15,14 +15,14 @@ import ml_collections
 from libs.config import latent_shape, range_problems
 from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.errors import UserError
-from libs.personalization import META_FILE, TEXT_ENCODER_MODES
+from libs.personalization import TEXT_ENCODER_MODES
 from libs.prompts import fill_prompt
-from libs.subjects import class_word_from_path
-from libs.train.checkpoints import CHECKPOINT_DIR, CHECKPOINT_STATE, list_checkpoints
+from libs.layout import class_word_from_path
 from libs.train.images import CROP_MODES
 from libs.train.metrics import FACE_BACKEND_CHOICES
 from libs.train.optim import SCHEDULERS
 from libs.train.selection import SELECTION_MODES, Objective, SelectionError
+from libs.train_output import CHECKPOINT_DIR, CHECKPOINT_STATE, META_FILE, list_checkpoints
 
 # the keys with a fixed set of values, each from the module that implements them
 CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES,

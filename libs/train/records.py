@@ -1,19 +1,9 @@
-"""What a run writes about itself: the output folder's file names, train_config.json, the JSONL and
-TensorBoard logs, the start-of-run summary and the personalization's meta record.
-
-    <out>/train_config.json          the full config, photos (with sha256), versions, command line
-    <out>/logs/train_log.jsonl       one line per logged step (loss terms, learning rates, eval losses)
-    <out>/logs/tensorboard/          the same scalars and the validation grids, when tensorboard is installed
-    <out>/validation/step-*.jpg      the validation grids
-    <out>/validation/step-*/         the validation images in the competition layout (libs/train/metrics.py)
-    <out>/validation/prompts/        their prompt files; validation/curves.png: the scores against the step
-    <out>/candidates/                the best validated step's tensors until the run ends (libs/train/selection.py)
-"""
+"""What a run writes about itself: train_config.json, the JSONL and TensorBoard logs, the start-of-run
+summary and the personalization's meta record (the folder's names are libs/train_output.py's)."""
 from __future__ import annotations
 
 import json
 import platform
-import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -27,43 +17,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from libs import personalization
-from libs.checkpoint import atomic_path, cached_sha256, save_json
+from libs.files import atomic_path, cached_sha256, save_json
 from libs.config import REPO_ROOT
-from libs.train.checkpoints import remove_checkpoints
-from libs.train.curves import CURVES_FILE
 from libs.train.images import TrainImage
-from libs.train.metrics import PROMPTS_DIR
 from libs.train.model import Models
 from libs.train.plan import Plan
-from libs.train.selection import CANDIDATE_DIR
+from libs.train_output import LOG_DIR, LOG_FILE, RUN_FILE, TENSORBOARD_DIR
 
-RUN_FILE = "train_config.json"
-LOG_DIR = "logs"
-LOG_FILE = "train_log.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-VALIDATION_DIR = "validation"
-OUTPUT_FILES = (personalization.META_FILE, personalization.UVIT_LORA_FILE, personalization.TOKEN_FILE,
-                personalization.TEXT_LORA_FILE, personalization.TEXT_FULL_FILE, RUN_FILE)
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "safetensors", "numpy", "pillow", "ml_collections")
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create the folder; with --overwrite first remove what an earlier run wrote there (by name, nothing else)."""
-    if overwrite and out.is_dir():
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-        (out / LOG_DIR / LOG_FILE).unlink(missing_ok=True)
-        shutil.rmtree(out / LOG_DIR / TENSORBOARD_DIR, ignore_errors=True)
-        validation = out / VALIDATION_DIR
-        for old in [*validation.glob("step-*"), validation / PROMPTS_DIR, out / CANDIDATE_DIR]:
-            if old.is_dir():
-                shutil.rmtree(old)
-            elif old.exists():
-                old.unlink()
-        (validation / CURVES_FILE).unlink(missing_ok=True)
-        remove_checkpoints(out)
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def write_run_file(plan: Plan, accelerator: Any, trainable: int, sources: list[dict[str, str]]) -> None:

@@ -1,5 +1,5 @@
 """Making class image sets for prior preservation: real CelebA faces, or images rendered by the base model.
-Both write the layout of libs/class_set.py; the command line is tools/class_images.py."""
+Both write the layout of libs/class_images/folder.py; the command line is tools/class_images.py."""
 from __future__ import annotations
 
 import csv
@@ -12,8 +12,8 @@ from typing import Any, Iterable
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_path, save_json
-from libs.class_set import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
+from libs.files import atomic_path, save_json
+from libs.class_images.folder import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
                              read_lines, write_class_set)
 
 DEFAULT_CAPTION = "a photo of a {}"
@@ -169,7 +169,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
 
     Resumable: images already on disk are kept, so an interrupted run continues where it stopped.
     A folder made with another prompt, seed or sampler setting is refused rather than mixed.
-    `pipeline` (a `libs.sampling.T2IPipeline`) lets several sets share one loaded model; without it the
+    `pipeline` (a `libs.sample.pipeline.T2IPipeline`) lets several sets share one loaded model; without it the
     base model is loaded here, and only if an image is missing.
     """
     class_dir = Path(class_dir)
@@ -181,7 +181,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
     if len(todo) < n:
         print(f"{class_dir}: {n - len(todo)} of {n} images already there, generating {len(todo)}")
     if todo and pipeline is None:
-        from libs.sampling import load_pipeline
+        from libs.sample.pipeline import load_pipeline
 
         pipeline = load_pipeline(config, device)
     with tqdm(total=len(todo), desc=f"generate {class_word}", unit="img") as progress:

@@ -9,7 +9,7 @@ import ml_collections
 import torch
 from torch import nn
 
-from libs.checkpoint import load_torch_state_dict
+from libs.files import load_torch_state_dict
 from libs.models.clip import CLIPTextEncoder
 from libs.models.loading import original_autoencoder_state, original_text_encoder_state
 

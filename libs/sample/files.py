@@ -13,15 +13,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from libs.checkpoint import atomic_path
+from libs.files import atomic_path
 from libs.diffusion import keyed_generator
 from libs.errors import UserError
 from libs.grids import image_grid
 from libs.models.clip import MAX_LENGTH
 from libs.photos import image_is_complete
 from libs.prompts import image_name, rewrite_prompt
-from libs.sampling import T2IPipeline
-from libs.subjects import CLASS_WORDS
+from libs.sample.pipeline import T2IPipeline
+from libs.layout import CLASS_WORDS
 
 GRID_FILE = "grid.jpg"
 GRID_CELL = 160

@@ -1,5 +1,6 @@
-"""Checkpoint I/O: safe loading of the official pickles, strict loading with readable errors,
-atomic writes of our own artefacts (safetensors / JSON)."""
+"""File I/O every part shares: safe loading of the official pickles, strict loading with readable errors,
+atomic writes of our own artefacts (safetensors / JSON / images / HTML), file hashes. Training's own
+checkpoints are libs/train/checkpoints.py."""
 from __future__ import annotations
 
 import hashlib

@@ -16,10 +16,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from libs.checkpoint import CheckpointError, safe_torch_load
-from libs.lora import LoraSpec, add_lora, load_lora_state, require_targets
+from libs.files import CheckpointError, safe_torch_load
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, require_targets
 from libs.models.clip import CLIPTextEncoder
-from libs.personalization import Personalization
+from libs.personalization.folder import Personalization
 
 REFERENCE_LORA_FILES = ("lora.pt", "lora.pt.tmp")  # the entry renamed .tmp only after a clean finish
 REFERENCE_ADAPTER_CONFIG = "adapter_config.json"

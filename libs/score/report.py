@@ -12,12 +12,12 @@ import io
 from pathlib import Path
 from typing import Sequence
 
-from libs.checkpoint import atomic_path, save_json
+from libs.files import atomic_path, save_json
 from libs.models.clip import MAX_LENGTH
+from libs.layout import ADVANCED_SPLITS, MODEL_OUTPUT
 from libs.report.html import STYLE, esc, rel_link, score_cell, td
 from libs.report.trained import TrainedSubject, find_training
-from libs.score_results import ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS
+from libs.score.results import ScoreResult, TaskResult
 
 RESULTS_JSON = "score_results.json"
 RESULTS_CSV = "score_results.csv"
@@ -91,7 +91,7 @@ def render_html(results: Sequence[ScoreResult], base: str | Path, model_output: 
            "</head><body><h1>Score report</h1>"]
     for result in results:
         out += _split_summary(result)
-    out += _training_section(results, Path(model_output) if model_output else base.parent / "model_output", base)
+    out += _training_section(results, Path(model_output) if model_output else base.parent / MODEL_OUTPUT, base)
     for result in results:
         for name, task in result.tasks.items():
             out += _task_section(name, task, base)

@@ -9,12 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from libs.layout import ADVANCED
 from libs.models.clip import MAX_LENGTH
 
-PRELIMINARY = "preliminary"
-ADVANCED = "advanced"
-SPLITS = (PRELIMINARY, ADVANCED)
-"""The competition's two evaluations, in the order score.py reports them (the graded advanced one last)."""
 
 
 def _mean(values: Iterable[float]) -> float:

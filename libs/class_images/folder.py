@@ -5,14 +5,14 @@
     <class_dir>/caption.txt    the caption of the same line's image
     <class_dir>/class_set.json how the set was made
 
-Reading and writing the layout lives here; making a set (CelebA, generation) is libs/class_sources.py.
+Reading and writing the layout lives here; making a set (CelebA, generation) is libs/class_images/sources.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Sequence
 
-from libs.checkpoint import atomic_path, save_json
+from libs.files import atomic_path, save_json
 from libs.errors import UserError
 
 IMAGES_DIR = "images"

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from libs.checkpoint import CheckpointError, key_mismatches
+from libs.files import CheckpointError, key_mismatches
 from libs.errors import UserError
 from libs.models.clip import CLIPTextEncoder
 from libs.precision import place_for_inference

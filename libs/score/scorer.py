@@ -10,7 +10,7 @@ Per generated image, against the subject's training photos ("refs"):
 
 Files and in-memory images go through one path (`Scorer.score_images` is what `score_task` runs on the
 decoded files), so the same pixels give the same numbers whether training or score.py scores them.
-The result types are in libs/score_results.py, the reports in libs/score_report.py.
+The result types are in libs/score/results.py, the reports in libs/score/report.py.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
-from libs.checkpoint import DOWNLOAD_HINT
+from libs.files import DOWNLOAD_HINT
 from libs.config import DEFAULT_CONFIG, load_config
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_ROOT, FaceBackend, get_face_backend
@@ -35,13 +35,13 @@ from libs.models.clip import MAX_LENGTH, clip_image_preprocess
 from libs.models.loading import image_encoder_source, quiet_transformers
 from libs.photos import PhotoError, list_images, open_image
 from libs.prompts import image_name, load_prompts
-from libs.score_report import write_reports
-from libs.score_results import ADVANCED, PRELIMINARY, SPLITS, ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.score.report import write_reports
+from libs.score.results import ImageScore, PromptScore, Reference, ScoreResult, TaskResult
+from libs.layout import ADVANCED, ADVANCED_SPLITS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task, split_tasks
 
 IMAGES_PER_PROMPT = 3
-DEFAULT_PROMPT_ROOTS = {PRELIMINARY: "./eval_prompts/", ADVANCED: "./eval_prompts_advance/"}
-"""Where each split's prompt files live (spec §2); score.py with no --prompts looks in both."""
+DEFAULT_PROMPT_ROOTS = {split: f"./{folder}/" for split, folder in PROMPT_ROOTS.items()}
+"""score.py with no --prompts looks in both splits' folders (libs/layout.py)."""
 
 
 class ScoringError(UserError):
@@ -208,7 +208,7 @@ class Scorer:
         """Every task of a planned run, in its order."""
         result = ScoreResult(run.split, self.face.name, self.face.comparable_with_competition)
         for spec in run.tasks:
-            result.tasks[spec.task] = self.score_task(spec.ref_dir, spec.prompt_file, spec.output_dir, spec.task)
+            result.tasks[spec.name] = self.score_task(spec.photo_dir, spec.prompt_file, spec.output_dir, spec.name)
         return result
 
     def _score_prompt(self, refs: ReferenceSet, index: int, prompt: str,
@@ -231,29 +231,13 @@ class Scorer:
 
 # --- runs: which tasks to score ------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class TaskSpec:
-    task: str
-    ref_dir: Path
-    prompt_file: Path
-    output_dir: Path
-
-
 @dataclass
 class ScoringRun:
     """One split to score: its prompt folder and its tasks, checked (every file and folder exists)."""
 
     split: str
     prompts_dir: Path
-    tasks: list[TaskSpec]
-
-
-def _task_specs(dataset: Path, prompts_dir: Path, outputs: Path, tasks: Sequence[str], split: str) -> list[TaskSpec]:
-    specs = []
-    for subject in tasks:
-        names = [f"{subject}_{s}" for s in ADVANCED_SPLITS] if split == ADVANCED else [subject]
-        specs += [TaskSpec(name, dataset / subject, prompts_dir / f"{name}.json", outputs / name) for name in names]
-    return specs
+    tasks: list[Task]
 
 
 def detect_split(prompts_dir: str | Path, tasks: Sequence[str]) -> str:
@@ -267,13 +251,13 @@ def detect_split(prompts_dir: str | Path, tasks: Sequence[str]) -> str:
 
 
 def plan_tasks(dataset: str | Path, prompts_dir: str | Path, outputs: str | Path, tasks: Sequence[str],
-               split: str) -> list[TaskSpec]:
+               split: str) -> list[Task]:
     """Every task to score, checked up front: one error lists every missing folder and file."""
     if not tasks:
         raise ScoringError("no tasks to score")
-    specs = _task_specs(Path(dataset), Path(prompts_dir), Path(outputs), tasks, split)
-    problems = [f"reference photo folder not found: {ref_dir}"
-                for ref_dir in dict.fromkeys(spec.ref_dir for spec in specs) if not ref_dir.is_dir()]
+    specs = split_tasks(split, tasks, prompts_dir, outputs, dataset)
+    problems = [f"reference photo folder not found: {photo_dir}"
+                for photo_dir in dict.fromkeys(spec.photo_dir for spec in specs) if not photo_dir.is_dir()]
     for spec in specs:
         if not spec.prompt_file.is_file():
             problems.append(f"prompt file not found: {spec.prompt_file}")
@@ -308,7 +292,7 @@ def detect_runs(dataset: str | Path, prompt_roots: Mapping[str, str | Path], out
     runs, partial, looked = [], [], []
     for split in (s for s in SPLITS if s in prompt_roots):
         root = Path(prompt_roots[split])
-        specs = _task_specs(Path(dataset), root, outputs, tasks, split)
+        specs = split_tasks(split, tasks, root, outputs, dataset)
         missing = [] if root.is_dir() else [f"{root}/ (no such folder)"]
         missing += [str(s.prompt_file) for s in specs if root.is_dir() and not s.prompt_file.is_file()]
         missing += [f"{s.output_dir}/" for s in specs if not s.output_dir.is_dir()]
