@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from libs.config import KEY_CHOICES
 from libs.files import CheckpointError, load_safetensors, save_json, save_safetensors
 from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
@@ -27,7 +28,7 @@ from libs.train_output import META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_F
 
 FORMAT = "unidiffuser-personalization"
 FORMAT_VERSION = 1
-TEXT_ENCODER_MODES = ("frozen", "token", "lora", "full")
+TEXT_ENCODER_MODES = KEY_CHOICES["train.text_encoder_mode"]
 
 
 def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.Module | None,
