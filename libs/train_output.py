@@ -116,5 +116,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             elif old.exists():
                 old.unlink()
         (validation / CURVES_FILE).unlink(missing_ok=True)
+        (out / REPORT_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / REPORT_FILES_DIR, ignore_errors=True)
         remove_checkpoints(out)
     out.mkdir(parents=True, exist_ok=True)

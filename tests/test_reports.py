@@ -21,7 +21,7 @@ from libs.report.trained import find_training
 from libs.score.report import REPORT_HTML, write_reports
 from libs.score.results import ImageScore, PromptScore, ScoreResult, TaskResult
 from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe, train
-from libs.train.records import read_log
+from libs.train.logs import read_log
 from libs.train_output import AUTO_DIR, META_FILE, REPORT_FILE, TABLE_FILE
 from report_pages import linked_files, soup, table_rows
 

@@ -1,6 +1,6 @@
 """`<out>/report.html`: what one training run did and decided, from the files the run writes.
 
-Read through their owners: train_config.json and logs/train_log.jsonl (libs/train/records.py), the
+Read through their owners: train_config.json (libs/train/records.py) and logs/train_log.jsonl (libs/train/logs.py), the
 selection record of personalization.json (libs/personalization.py, libs/train/selection.py), the
 validation images and prompt files (libs/train/metrics.py), crops.json (libs/photos.py), the curves
 (libs/train/curves.py). Written at every validation (the table so far, "best so far") and at the end of the
@@ -23,7 +23,8 @@ from libs.photos import PhotoError, face_boxes, open_image
 from libs.prompts import PromptFileError, image_name, load_prompts
 from libs.report.html import esc, img, page, score_cell, table, td, write_page
 from libs.train.images import training_square
-from libs.train.records import read_log, read_run_file
+from libs.train.logs import read_log
+from libs.train.records import read_run_file
 from libs.train.selection import METRICS, Selection
 from libs.train_output import (CURVES_FILE, META_FILE, PROMPTS_DIR, REPORT_FILE, REPORT_FILES_DIR, VALIDATION_DIR,
                                validation_step_dir)

@@ -3,6 +3,7 @@ meta record of what was trained. The logs are libs/train/logs.py, the start summ
 the folder's names libs/train_output.py's."""
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -36,23 +37,6 @@ def read_run_file(out: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def read_log(out: Path) -> list[dict[str, Any]]:
-    """The log lines of a run folder in order (training lines and validation lines share a step); a line
-    that is not a JSON object with a step (a run killed mid-write) is left out."""
-    path = Path(out) / LOG_DIR / LOG_FILE
-    if not path.is_file():
-        return []
-    lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(text)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            lines.append(record)
-    return lines
 
 
 def package_versions() -> dict[str, str]:
