@@ -41,6 +41,7 @@ def img(path: str | Path, base: str | Path, alt: str, css: str = "") -> str:
 
 
 def link(path: str | Path, base: str | Path, text: str) -> str:
+    """An <a> to a file, linked relatively to `base`."""
     return f"<a href='{rel_link(path, base)}'>{esc(text)}</a>"
 
 
@@ -48,8 +49,6 @@ def number(value: Any, digits: int = 3) -> str:
     """A number as the reports print it ('' for a missing one); integers with thousands separators."""
     if value is None or value == "":
         return ""
-    if isinstance(value, bool):
-        return "yes" if value else ""
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
@@ -83,6 +82,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], highlight: Iter
 
 
 def td(value: Any, digits: int = 3, text: bool = False) -> str:
+    """A cell: a number right-aligned (`number`), or with `text` escaped text left-aligned."""
     return f"<td class='text'>{esc(value)}</td>" if text else f"<td>{number(value, digits)}</td>"
 
 

@@ -1,10 +1,10 @@
 """`<out>/report.html`: what one training run did and decided, from the files the run writes.
 
-Read through their owners: train_config.json (libs/train/records.py) and logs/train_log.jsonl (libs/train/logs.py), the
-selection record of personalization.json (libs/personalization.py, libs/train/selection.py), the
-validation images and prompt files (libs/train/metrics.py), crops.json (libs/photos.py), the curves
-(libs/train/curves.py). Written at every validation (the table so far, "best so far") and at the end of the
-run (the chosen step and why). The photos' thumbnails are copied under `report_files/`, so every link
+Read through their owners: train_config.json (libs/train/records.py), logs/train_log.jsonl
+(libs/train/logs.py), personalization.json's selection record (libs/personalization/, libs/train/selection.py),
+the validation images and prompt files (names in libs/train_output.py), crops.json (libs/photos.py), the
+curves (libs/train/curves.py). Written at every validation (the table so far, "best so far") and at the end
+of the run (the chosen step and why). The photos' thumbnails are made under `report_files/`, so every link
 stays inside the run folder and the folder can be moved or zipped.
 """
 from __future__ import annotations
@@ -43,8 +43,8 @@ def write_run_report(out_dir: str | Path, running: Selection | None = None) -> P
     selection = _selection(out, running)
     validations = _validations(log)
     body = [f"<h1>Training run: {esc(out.name)}</h1>", _status(run, selection, running is not None)]
-    body += _warnings(out, selection, validations)
-    body += _settings(out, run, log, selection)
+    body += _warnings(selection, validations)
+    body += _settings(run, log, selection)
     body += _photos(out, run)
     body += _curves(out)
     body += _selection_table(validations, selection)
@@ -88,7 +88,7 @@ def _status(run: dict[str, Any], selection: dict[str, Any], running: bool) -> st
     return text + f" <span class='note'>Command: {esc(' '.join(run.get('command') or []))}</span></p>"
 
 
-def _warnings(out: Path, selection: dict[str, Any], validations: list[dict[str, Any]]) -> list[str]:
+def _warnings(selection: dict[str, Any], validations: list[dict[str, Any]]) -> list[str]:
     """The run's warnings (personalization.json's) and what the face scores are worth."""
     notes = list(selection.get("warnings") or [])
     backend = selection.get("face_backend") or next((v.get("face_backend") for v in validations), None)
@@ -106,7 +106,7 @@ def _warnings(out: Path, selection: dict[str, Any], validations: list[dict[str, 
     return ["<h2>Warnings</h2><ul class='warn'>", *(f"<li>{esc(n)}</li>" for n in notes), "</ul>"]
 
 
-def _settings(out: Path, run: dict[str, Any], log: list[dict[str, Any]], selection: dict[str, Any]) -> list[str]:
+def _settings(run: dict[str, Any], log: list[dict[str, Any]], selection: dict[str, Any]) -> list[str]:
     """The settings that shape the result, and the time it took."""
     cfg = (run.get("config") or {}).get("train", {})
     config = run.get("config") or {}

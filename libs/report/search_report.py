@@ -43,7 +43,7 @@ def _table(work: Path, rows: Sequence[Mapping[str, Any]], recipes: Mapping[str, 
     cells = []
     for row in rows:
         report = work / row["recipe"] / REPORT_FILE
-        changes = json.loads(row["changes"]) if isinstance(row.get("changes"), str) else dict(row.get("changes") or {})
+        changes = json.loads(row["changes"])  # table.csv's JSON text
         cells.append([
             f"<th class='text' title='{esc(recipes.get(row['recipe'], ''))}'>{esc(row['recipe'])}</th>",
             td(", ".join(f"{k}={v}" for k, v in changes.items()) or "(base)", text=True),
