@@ -132,7 +132,8 @@ def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections
 
 def mode_models(mode: Mode, config: ml_collections.ConfigDict, plan: Plan, device: torch.device) -> Models:
     """libs.train.build_models for `mode`, from the random checkpoint files."""
-    models = build_models(dataclasses.replace(plan, config=mode_config(mode, config)), device, train_dtype(mode, device))
+    models = build_models(dataclasses.replace(plan, config=mode_config(mode, config)), device,
+                          train_dtype(mode, device))
     if mode.compile_blocks:
         models.model.nnet.compile_blocks()
     return models

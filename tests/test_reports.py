@@ -177,7 +177,8 @@ def test_search_report_is_the_table_with_the_winner_highlighted(tiny_world, subj
 
 
 def scored_task(name: str, face: float, clip_img: float, clip_text: float) -> TaskResult:
-    image = ImageScore(f"/nowhere/{name}/0-000.jpg", 0, 0, True, True, face, clip_img, clip_text)
+    image = ImageScore(f"/nowhere/{name}/0-000.jpg", 0, 0, True, True,
+                       {"face": face, "clip_img": clip_img, "clip_text": clip_text})
     return TaskResult(name, "/nowhere/refs", f"/nowhere/{name}", [], [PromptScore(0, "a photo", 5, [image])])
 
 

@@ -1,12 +1,9 @@
 """The competition metric (spec §8) and the scoring run: the `Scorer` (face backend and CLIP ViT-B/32,
 loaded once) and which tasks a prompt folder and an outputs folder hold.
 
-Per generated image, against the subject's training photos ("refs"):
-
-* face      = max(0, max over refs-with-a-face of face similarity), 0 when the image has no face;
-* clip_img  = max(0, max over all refs of the CLIP ViT-B/32 image cosine);
-* clip_text = max(0, cosine between the image and its prompt), the prompt truncated to 77 tokens
-  (with a warning) instead of silently scoring 0.
+Per generated image, against the subject's training photos ("refs"), every metric of the table in
+libs/score/metrics.py (face, clip_img, clip_text) from the image's CLIP and face embeddings; a prompt
+over 77 CLIP tokens is truncated (with a warning) instead of silently scoring 0.
 
 Files and in-memory images go through one path (`Scorer.score_images` is what `score_task` runs on the
 decoded files), so the same pixels give the same numbers whether training or score.py scores them.
@@ -35,6 +32,7 @@ from libs.models.clip import MAX_LENGTH, clip_image_preprocess
 from libs.models.loading import image_encoder_source, quiet_transformers
 from libs.photos import PhotoError, list_images, open_image
 from libs.prompts import image_name, load_prompts
+from libs.score.metrics import METRICS, ImageView
 from libs.score.report import write_reports
 from libs.score.results import ImageScore, PromptScore, Reference, ScoreResult, TaskResult
 from libs.layout import ADVANCED, ADVANCED_SPLITS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task, split_tasks
@@ -158,13 +156,12 @@ class Scorer:
 
     # -- scoring --
 
-    def face_score(self, image: Image.Image, refs: ReferenceSet) -> tuple[bool, float]:
-        """(face found, max(0, max over reference faces of the similarity of the image's first face))."""
+    def face_similarities(self, image: Image.Image, refs: ReferenceSet) -> tuple[bool, np.ndarray]:
+        """(face found, the similarity of the image's first face to each reference face)."""
         embedding = self.face.embed_first(np.asarray(image))
         if embedding is None:
-            return False, 0.0
-        best = max((self.face.similarity(embedding, ref) for ref in refs.face_embeddings), default=0.0)
-        return True, max(0.0, float(best))
+            return False, np.zeros(0)
+        return True, np.asarray([float(self.face.similarity(embedding, ref)) for ref in refs.face_embeddings])
 
     def score_images(self, ref_dir: str | Path, prompt: str, images: Sequence[Image.Image], index: int = 0) -> PromptScore:
         """Score in-memory images for one prompt, no files involved (e.g. ranking checkpoints while training).
@@ -221,11 +218,10 @@ class Scorer:
                 scored.append(ImageScore(name, index, idx, found=False, face_found=False, error=image))
                 continue
             image = image.convert("RGB")
-            face_found, face = self.face_score(image, refs)
-            features = self.image_features([image])[0]
-            clip_img = max(0.0, float((refs.clip @ features).max()))
-            clip_text = max(0.0, float(features @ text))
-            scored.append(ImageScore(name, index, idx, True, face_found, face, clip_img, clip_text))
+            face_found, similarities = self.face_similarities(image, refs)
+            view = ImageView(self.image_features([image])[0], text, refs.clip, similarities)
+            scored.append(ImageScore(name, index, idx, True, face_found,
+                                     {metric.name: metric.per_image(view) for metric in METRICS}))
         return PromptScore(index, prompt, self.count_tokens(prompt), scored)
 
 

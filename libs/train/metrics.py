@@ -24,6 +24,7 @@ from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend
 from libs.score.results import ScoreResult, TaskResult
+from libs.score.scorer import Scorer, ScoringWarning
 from libs.layout import ADVANCED, ADVANCED_SPLITS
 from libs.train.validation_set import Rendered
 
@@ -78,8 +79,6 @@ class MetricScorer:
     applied to a validated step, aggregated as score.py aggregates the advanced split."""
 
     def __init__(self, config: ml_collections.ConfigDict, face_backend: str = "auto", device: str = "cpu"):
-        from libs.score.scorer import Scorer  # here: libs.train.plan imports this module for its choices only
-
         self.scorer = Scorer(validation_face_backend(face_backend), config=config, device=str(device),
                              progress=False)
         self._warned: set[str] = set()
@@ -89,8 +88,6 @@ class MetricScorer:
         return self.scorer.face.name
 
     def __call__(self, rendered: Rendered) -> ValidationScores:
-        from libs.score.scorer import ScoringWarning
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ScoringWarning)  # said once below, not at every step
             references = self.scorer.references(rendered.ref_dir).references

@@ -20,6 +20,7 @@ class JointNoisePredictor(nn.Module):
 
     def __init__(self, nnet: nn.Module, text_encoder: nn.Module, caption_prefix: nn.Module, data_type: int):
         super().__init__()
+        # plain attribute assignments (boilerplate shared with libs/models/uvit.py's constructor)
         self.nnet = nnet
         self.text_encoder = text_encoder
         self.caption_prefix = caption_prefix
