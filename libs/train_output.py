@@ -16,7 +16,10 @@ in it, its preparation and cleanup, and the listings other modules read.
     validation/prompts/              their prompt files
     validation/curves.png            the scores against the step
     candidates/step-*.safetensors    the best validated step's tensors until the run ends
-    auto_recipe/                     --auto_recipe's candidate runs, table.csv, frontier.png and failed.json
+    auto_recipe/                     --auto_recipe's candidate runs, table.csv, report.html, frontier.png and
+                                     failed.json
+    report.html                      the run report (libs/report/run_report.py), refreshed at each validation
+    report_files/                    the run report's thumbnails of the photos
 
 It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into
 this folder (an unfinished run's checkpoints) and must not import the training package.
@@ -49,11 +52,14 @@ CURVES_FILE = "curves.png"
 CANDIDATE_DIR = "candidates"
 AUTO_DIR = "auto_recipe"
 TABLE_FILE = "table.csv"
+REPORT_FILE = "report.html"  # the page of a run folder and of its auto_recipe/ search folder
+REPORT_FILES_DIR = "report_files"
 FRONTIER_FILE = "frontier.png"
 FAILED_FILE = "failed.json"  # in auto_recipe/: the recipes that diverged, with why (never retrained on resume)
 # everything a run writes at the top of -o: an existing folder holding anything else is not a run's, and
 # train.py refuses it (libs/outputs.py)
-OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR)
+OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR, REPORT_FILE,
+                  REPORT_FILES_DIR)
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -119,5 +125,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             elif old.exists():
                 old.unlink()
         (validation / CURVES_FILE).unlink(missing_ok=True)
+        (out / REPORT_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / REPORT_FILES_DIR, ignore_errors=True)
         remove_checkpoints(out)
     out.mkdir(parents=True, exist_ok=True)

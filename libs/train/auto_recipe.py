@@ -16,6 +16,7 @@ steps of all recipes run) is skipped and the next ones are tried, and so is one 
     <out>/auto_recipe/table.csv   one row per recipe: changes, adapter, steps, best step, scores, changed
                                   parameters, score
     <out>/auto_recipe/frontier.png best-step objective against changed parameters (libs/train/frontier.py)
+    <out>/auto_recipe/report.html the same table with links to each recipe's run report, and the frontier plot
     <out>/auto_recipe/logs/       with --auto_devices: each recipe's process output (<recipe>.log) and job
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
 
@@ -42,6 +43,7 @@ import ml_collections
 from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
+from libs.report import search_report  # a module: it reads libs.train, which imports this one
 from libs.devices import Job, log_tail, parse_devices, run_on_devices
 from libs.stopping import StopSignals, resume_command
 from libs.train.frontier import plot_frontier
@@ -308,6 +310,9 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
         writer.writerows(rows)
     plot_frontier(rows, work / FRONTIER_FILE, str(config.train.objective))
     print("\n".join(_table_lines(rows)))
+    report = search_report.write_search_report(work, rows, {c.recipe.name: c.recipe.what for c in candidates},
+                                               float(config.train.auto_param_penalty))
+    print(f"search report: {report}")
     winner = next((c for c, row in zip(candidates, rows) if row["winner"]), None)
     if winner is None:
         raise TrainingError(f"no recipe finished: {', '.join(f'{c.recipe.name} {c.status}' for c in candidates)} "

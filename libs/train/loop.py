@@ -27,6 +27,7 @@ from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.stopping import StopSignals, resume_command
+from libs.report import run_report  # a module: it reads libs.train records, loop and validation call it
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
 from libs.train.curves import plot_curves
@@ -236,10 +237,11 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
         if cfg.validation_steps:
             plot_curves(run_log.path, plan.out_dir / VALIDATION_DIR / CURVES_FILE, record["chosen_step"],
                         record["objective_used"])
+        report = run_report.write_run_report(plan.out_dir)
         size = sum(f.stat().st_size for f in files) / 2**20
         log(f"wrote {plan.out_dir}: {', '.join(f.name for f in files)} ({size:.1f} MiB), the adapters of step "
             f"{record['chosen_step']} ({record['reason']}); {trainable_parameters:,} trained parameters; "
-            f"{time.perf_counter() - started:.0f}s")
+            f"{time.perf_counter() - started:.0f}s\nrun report: {report}")
     accelerator.wait_for_everyone()
     return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files, record)
 
