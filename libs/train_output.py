@@ -18,7 +18,7 @@ in it, its preparation and cleanup, and the listings other modules read.
     candidates/step-*.safetensors    the best validated step's tensors until the run ends
     auto_recipe/                     --auto_recipe's candidate runs, table.csv, report.html, frontier.png and
                                      failed.json
-    report.html                      the run report (libs/report/run_report.py), refreshed at each validation
+    report.html                      the run report (libs/train/run_report.py), refreshed at each validation
     report_files/                    the run report's thumbnails of the photos
 
 It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into

@@ -43,7 +43,7 @@ import ml_collections
 from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
-from libs.report import search_report  # a module: it reads libs.train, which imports this one
+from libs.train import search_report
 from libs.devices import Job, log_tail, parse_devices, run_on_devices
 from libs.stopping import StopSignals, resume_command
 from libs.train.frontier import plot_frontier

@@ -27,7 +27,7 @@ from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.stopping import StopSignals, resume_command
-from libs.report import run_report  # a module: it reads libs.train records, loop and validation call it
+from libs.train import run_report
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
 from libs.train.curves import plot_curves

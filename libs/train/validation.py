@@ -7,7 +7,7 @@ the validation set rendered in batches with the sampler sample.py uses (fewer so
 `validation_sample_steps`), written in the competition's layout, scored, logged (JSONL + TensorBoard),
 drawn as a grid per step and handed to the best-step selection (libs/train/selection.py). The curves
 (libs/train/curves.py) are drawn from the log after each such validation, and the run report
-(libs/report/run_report.py) is refreshed after every validation.
+(libs/train/run_report.py) is refreshed after every validation.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from libs.grids import image_grid
 from libs.photos import open_image
 from libs.precision import autocast
 from libs.sample.files import save_jpeg
-from libs.report import run_report  # a module: it reads libs.train records, loop and validation call it
+from libs.train import run_report
 from libs.sample.pipeline import T2IPipeline
 from libs.layout import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
