@@ -13,12 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_world_config
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
-from personalizations import write_subjects
 from test_face import write_tiny_insightface_pack
 
 NETWORK_BLOCKER = '''import os, socket
@@ -33,11 +31,6 @@ socket.socket.connect_ex = _refuse
 socket.create_connection = _refuse
 socket.getaddrinfo = _refuse
 '''
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    return write_subjects(tiny_world_config(tiny_world), tmp_path_factory.mktemp("personalizations"))
 
 
 def project_copy(root: Path, trained: dict[str, Path]) -> Path:
@@ -106,8 +99,8 @@ def test_offline_without_the_model_names_it(tmp_path, tiny_config_file, monkeypa
     assert not (tmp_path / "out").exists()
 
 
-def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, trained):
-    root = project_copy(tmp_path / "project", trained)
+def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, subject_personalizations):
+    root = project_copy(tmp_path / "project", subject_personalizations)
     pack = tmp_path / "insightface"
     write_tiny_insightface_pack(pack)
     config = tmp_path / "config.py"
@@ -143,10 +136,10 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
 
 
 @pytest.mark.slow
-def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_photos):
+def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, subject_personalizations, public_photos):
     """tools/grade_like_organizer.sh: only the mounts, hub off, every network call refused, then the sum of the
     `finetuned parameters` lines and the score dict."""
-    root = project_copy(tmp_path / "project", trained)
+    root = project_copy(tmp_path / "project", subject_personalizations)
     mounts = tmp_path / "mounts"
     models = mounts / "models"
     models.mkdir(parents=True)
