@@ -95,7 +95,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             plan = Plan(config, Path("synthetic"), Path(out), "boy", "<new1>", "boy",
                         fill_prompt(config.train.instance_prompt, "<new1>", "boy"), None)
-            models = build_models(config, plan, device, dtype)
+            models = build_models(plan, device, dtype)
             make_optimizer(models.trainable(), config.train)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.name = "unidiffuser_v1"
     config.seed = 1234  # base seed: every random draw of training and sampling is keyed by it
 
-    # --- where the weights live (see models/README.md; `python -m libs.download` fetches them) ---
+    # --- where the weights live (see models/README.md; `python tools/download.py` fetches them) ---
     config.paths = d(
         nnet="models/uvit_v1.pth",  # the base U-ViT checkpoint
         autoencoder="models/autoencoder_kl.pth",

@@ -122,7 +122,7 @@ def test_default_lora_targets_and_parameter_count(tiny_config, photos):
     assert "patch_embed.proj" in uvit_lora_modules(nnet, ["proj", "patch_embed.proj"])
 
     plan = make_plan(configured(tiny_config), photos, photos.parent / "out")
-    models = build_models(tiny_config, plan, torch.device("cpu"), torch.float32)
+    models = build_models(plan, torch.device("cpu"), torch.float32)
     r, width = tiny_config.train.rank, tiny_config.nnet.embed_dim
     per_block = r * (width + 3 * width) + r * 2 * width + r * (width + 4 * width) + r * (4 * width + width)
     uvit = 5 * per_block + r * (tiny_config.text_dim + width) + r * (tiny_config.clip_img_dim + width)

@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from libs.files import atomic_path, save_json
+from libs.photos import image_is_complete
 from libs.class_images.folder import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
                              read_lines, write_class_set)
 
@@ -104,7 +104,7 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
         for name in order:
             if len(chosen) == n:
                 break
-            if not _decodes(image_dir / name):
+            if not image_is_complete(image_dir / name):
                 tqdm.write(f"skipping unreadable CelebA image {image_dir / name}")
                 continue
             _copy(image_dir / name, out_images / name)
@@ -118,15 +118,6 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
             "attribute": "Male", "value": want, "n": n, "seed": seed, "caption": text}
     write_class_set(class_dir, chosen, [text] * n, info)
     return load_class_set(class_dir)
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -1,11 +1,15 @@
-"""The personalization folder type: what a restore folder held and was applied, whichever format it was in."""
+"""The personalization folder type: what a restore folder held and was applied, whichever format it was in,
+and the step both formats share (the token rows into the text encoder)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from libs.files import CheckpointError
+from libs.models.clip import CLIPTextEncoder
 
 
 @dataclass
@@ -35,6 +39,14 @@ class Personalization:
 def base_model(label: str = "--base_model") -> Personalization:
     """The deliberate absence of a personalization."""
     return Personalization(kind="none", path=Path(label))
+
+
+def add_token(text_encoder: CLIPTextEncoder, token: str, rows: torch.Tensor, source: Path) -> None:
+    """Put a personalization's token rows into the text encoder (either format); `source` names the file."""
+    try:
+        text_encoder.add_modifier_token(token, rows, num_vectors=rows.shape[0])
+    except ValueError as error:
+        raise CheckpointError(f"{source}: cannot add token {token!r}: {error}") from error
 
 
 class NotAPersonalization(CheckpointError):

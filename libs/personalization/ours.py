@@ -12,22 +12,22 @@ Our format: writing it (`save_personalization`), checking it (`read_meta`, `chec
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from libs.files import CheckpointError, load_safetensors, save_json, save_safetensors
+from libs.config import KEY_CHOICES
+from libs.files import CheckpointError, load_json, load_safetensors, save_json, save_safetensors
 from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
-from libs.personalization.folder import Personalization
+from libs.personalization.folder import Personalization, add_token
 from libs.train_output import META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 FORMAT = "unidiffuser-personalization"
 FORMAT_VERSION = 1
-TEXT_ENCODER_MODES = ("frozen", "token", "lora", "full")
+TEXT_ENCODER_MODES = KEY_CHOICES["train.text_encoder_mode"]
 
 
 def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.Module | None,
@@ -65,11 +65,9 @@ def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.
 
 def read_meta(restore_path: Path) -> dict[str, Any]:
     """personalization.json, checked against its schema so a damaged file is named, not a KeyError."""
-    path = restore_path / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}; retrain into this folder (train.py --overwrite)") from error
+    path = restore_path / META_FILE  # read by files.load_json like a checkpoint's state; the schema check is this file's
+    meta = load_json(path, lambda error: CheckpointError(f"cannot read {path}: {error}; retrain into this folder "
+                                                         "(train.py --overwrite)"))
     problems = meta_problems(meta)
     if problems:
         raise CheckpointError(f"{path} is damaged or not written by train.py: {'; '.join(problems)}; "
@@ -134,10 +132,7 @@ def load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncoder
                                   f"the text encoder needs [n, {text_encoder.hidden_size}]")
         if not torch.isfinite(vectors).all():
             raise CheckpointError(f"{restore_path / TOKEN_FILE}: the rows of {token} hold NaN or inf values")
-        try:
-            text_encoder.add_modifier_token(token, vectors, num_vectors=vectors.shape[0])
-        except ValueError as error:
-            raise CheckpointError(f"{restore_path / TOKEN_FILE}: cannot add token {token!r}: {error}") from error
+        add_token(text_encoder, token, vectors, restore_path / TOKEN_FILE)
     mode = meta.get("text_encoder_mode", "frozen")
     if mode == "lora":
         spec = LoraSpec.from_dict(meta["text_lora"])

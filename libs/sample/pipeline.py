@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from libs.config import latent_shape
+from libs.config import KEY_CHOICES, latent_shape
 from libs.diffusion import N_TRAIN_STEPS, keyed_generator
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.dpm_solver import dpm_solver_sample
@@ -37,7 +37,7 @@ from libs.errors import UserError
 from libs.personalization import Personalization, base_model, load_personalization
 from libs.precision import autocast, inference_dtype
 
-CFG_MODES = ("true_uncond", "empty_token")
+CFG_MODES = KEY_CHOICES["sample.cfg_mode"]
 
 TextNoiseFn = Callable[[Tensor], Tensor]
 """`text_noise_fn(text) -> noise shaped like text`: the `true_uncond` text of one model call."""

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from libs.files import (CheckpointError, key_mismatches, load_safetensors, safe_torch_load, save_json,
+from libs.files import (CheckpointError, key_mismatches, load_json, load_safetensors, safe_torch_load, save_json,
                              save_safetensors, save_torch)
 from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, checkpoint_path,
                                list_checkpoints)
 
-# keys that may change when a run is resumed: they do not change what a step computes (nor how a validated
+# keys that may change when a run is resumed (a list of names, like loading.py's _LDM_ORDER: data, not a twin): they do not change what a step computes (nor how a validated
 # step is scored and chosen: the validation set, face backend, selection and objective stay as recorded)
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
                      "validation_steps", "validation_batch_size", "cache_latents", "cache_dir", "encode_batch_size",
@@ -150,12 +150,9 @@ class CheckpointWriter:
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """training_state.json of a checkpoint (step, recipe, images), checked before anything is loaded."""
-    file = path / CHECKPOINT_STATE
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"cannot read {file}: {error}; delete {path} to resume from the checkpoint "
-                              "before it, or pass --overwrite to start over") from error
+    file = path / CHECKPOINT_STATE  # read by files.load_json like personalization.json; the checks below are this file's
+    state = load_json(file, lambda error: CheckpointError(f"cannot read {file}: {error}; delete {path} to resume from "
+                                                          "the checkpoint before it, or pass --overwrite to start over"))
     if (not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0
             or not isinstance(state.get("recipe"), dict)):
         raise CheckpointError(f"{file} is not a training state (it needs a step and a recipe); delete {path} to "

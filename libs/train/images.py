@@ -19,10 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from libs.class_images.folder import MAKE_HINT, ClassSetError, load_class_set
+from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.photos import UNREADABLE, Box, PhotoError, face_boxes, list_images, open_image, person_masks
 
-CROP_MODES = ("face", "center")
+CROP_MODES = KEY_CHOICES["train.crop"]
 
 
 @dataclass(frozen=True)

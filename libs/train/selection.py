@@ -26,16 +26,18 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from libs.config import KEY_CHOICES
 from libs.files import save_safetensors
+from libs.score.metrics import ADVANCED_KEYS
 from libs.errors import UserError
 from libs.train.checkpoints import load_trainable, trainable_state
 from libs.train_output import (CANDIDATE_DIR, CHECKPOINT_STATE, candidate_files, candidate_path, candidate_step,
                                list_checkpoints)
 
-METRICS = ("sim_face", "sim_clip_img", "edit_face", "edit_clip_img", "edit_clip_text")
-"""The competition's advanced numbers (libs.score.results.ScoreResult.advanced), what validation logs."""
+METRICS = ADVANCED_KEYS
+"""The objective's vocabulary: the competition's advanced numbers (libs/score/metrics.py), what validation logs."""
 FACE_FALLBACK = {"sim_face": "sim_clip_img", "edit_face": "edit_clip_img"}
-SELECTION_MODES = ("best", "last")
+SELECTION_MODES = KEY_CHOICES["train.selection"]
 _TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<metric>[a-z_]+)\s*$")
 
 

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ml_collections
 import torch
 from PIL import Image
 from torch import nn
@@ -28,10 +27,11 @@ from libs.sample.pipeline import T2IPipeline
 from libs.layout import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
 from libs.train.encodings import TrainData
-from libs.train.metrics import Rendered, ScoreFn, ValidationSet
+from libs.train.metrics import ScoreFn
+from libs.train.validation_set import Rendered, ValidationSet
 from libs.train.model import JointNoisePredictor
 from libs.train.plan import Plan
-from libs.train.records import RunLog
+from libs.train.logs import RunLog
 from libs.train.selection import Selection
 from libs.train_output import VALIDATION_DIR, validation_grid, validation_step_dir
 
@@ -81,9 +81,9 @@ class TrainingPipeline(T2IPipeline):
 class Validation:
     """Called at step 0, every `validation_steps` and at the last step (main process works, the others wait)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, plan: Plan, model: JointNoisePredictor,
-                 autoencoder: nn.Module, weight_dtype: torch.dtype, data: TrainData, run_log: RunLog, accelerator: Any,
-                 score_fn: ScoreFn | None, selection: Selection):
+    def __init__(self, plan: Plan, model: JointNoisePredictor, autoencoder: nn.Module, weight_dtype: torch.dtype,
+                 data: TrainData, run_log: RunLog, accelerator: Any, score_fn: ScoreFn | None, selection: Selection):
+        config = plan.config
         self.config, self.plan, self.model, self.autoencoder = config, plan, model, autoencoder
         self.weight_dtype = weight_dtype
         self.data, self.run_log, self.accelerator = data, run_log, accelerator
