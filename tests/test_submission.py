@@ -78,23 +78,21 @@ def test_model_folders_fall_back_to_the_baked_location(tmp_path, monkeypatch):
     assert resolve_pretrained(str(mounted), "openai/clip-vit-large-patch14", "CLIP") == str(mounted)
 
 
-def test_offline_without_the_model_names_it(tmp_path, tiny_config_file, monkeypatch, capsys):
-    """Hub off and the CLIP folder nowhere: one clear error naming the model and where it was looked for."""
-    import sample
-    from entrypoints import run_entry
-
+def test_offline_without_the_model_names_it(tmp_path, tiny_config_file):
+    """Hub off and the CLIP folder nowhere: one clear error naming the model and where it was looked for. A real
+    process, as in the graders' container: the hub reads HF_HUB_OFFLINE when it is imported, so setting it in
+    this process would not switch it off (the loader would retry the hub for minutes instead)."""
     config = tmp_path / "no_clip.py"
     config.write_text(tiny_config_file.read_text().replace(
         "    return config\n", "    config.paths.clip_text = 'models/absent-clip'\n"
                               "    config.paths.clip_text_hub = 'openai/clip-vit-large-patch14'\n    return config\n"))
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(["a boy"]))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("UNIDIFFUSER_EXTRA_MODELS", raising=False)
-    code = run_entry(sample, ["--config", config, "--base_model", "--prompt_path", prompts, "--output_path",
-                              tmp_path / "out", "--steps", "1", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    done = run_tool(tmp_path, [REPO_ROOT / "sample.py", "--config", config, "--base_model", "--prompt_path", prompts,
+                               "--output_path", tmp_path / "out", "--steps", "1", "--device", "cpu"],
+                    env={"HF_HUB_OFFLINE": "1", "UNIDIFFUSER_EXTRA_MODELS": ""})
+    err = done.stderr
+    assert done.returncode == 2 and "Traceback" not in err
     assert "CLIP" in err and "openai/clip-vit-large-patch14" in err and "HF_HUB_OFFLINE" in err
     assert not (tmp_path / "out").exists()
 
