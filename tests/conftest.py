@@ -7,6 +7,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import ml_collections
 import numpy as np
@@ -17,6 +18,9 @@ from PIL import Image
 from libs.config import load_config
 from libs.tiny_world import build_tiny_world
 from personalizations import write_personalization, write_subjects
+
+if TYPE_CHECKING:
+    from libs.face import DlibBackend
 
 # the processes the tests start (entry scripts, train.sh, sample.sh) run toy-sized ops on one thread too
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -169,7 +173,7 @@ def positive_clip_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 @pytest.fixture(scope="session")
-def dlib_backend():
+def dlib_backend() -> DlibBackend:
     """dlib's face detector and encoder, loaded once (stateless between calls)."""
     from libs.face import DlibBackend
 
@@ -177,7 +181,7 @@ def dlib_backend():
 
 
 @pytest.fixture()
-def fresh_accelerate_state():
+def fresh_accelerate_state() -> Iterator[None]:
     """accelerate keeps one process-wide state that fixes the mixed precision of the first Accelerator; a test
     that runs train.py in this process with another precision starts and leaves that state blank, as a new
     process would (what accelerate's own test case does)."""
