@@ -1,0 +1,87 @@
+"""`<out>/auto_recipe/report.html`: what an --auto_recipe search tried and which recipe won, and why.
+
+The rows are libs/train/auto_recipe.py's `table_rows` (the ones written to table.csv); each recipe's
+own run report (libs/report/run_report.py) is linked from its row. The frontier plot puts every trained
+recipe's best objective against its changed parameters, with the penalty's lines of equal score: the
+winner is the point on the highest line.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from libs.files import atomic_path
+from libs.report.html import esc, img, link, page, score_cell, table, td, write_page
+from libs.train.selection import METRICS
+from libs.train_output import FRONTIER_FILE, META_FILE, REPORT_FILE
+
+
+def write_search_report(work: str | Path, rows: Sequence[Mapping[str, Any]], recipes: Mapping[str, str],
+                        penalty: float) -> Path:
+    """Write `<work>/report.html` (and `frontier.png`) for the search whose folder is `work`; returns the page."""
+    work = Path(work)
+    finished = [row for row in rows if row.get("score") is not None]
+    winner = next((row for row in rows if row.get("winner")), None)
+    body = [f"<h1>Recipe search: {esc(work.parent.name)}</h1>"]
+    if winner is not None:
+        body.append(f"<p>Winner: <b>{esc(winner['recipe'])}</b> (step {winner['best_step']}), the highest score = "
+                    f"best objective &minus; {penalty:g} &times; changed parameters / 1e6. Its adapters are in "
+                    f"{link(work.parent / META_FILE, work, work.parent.name + '/')}.</p>")
+    else:
+        body.append("<p>No recipe finished yet.</p>")
+    body += _table(work, rows, recipes)
+    if finished:
+        plot_frontier(finished, penalty, work / FRONTIER_FILE)
+        body += ["<h2>Frontier</h2><p class='note'>each trained recipe's best objective against its changed "
+                 "parameters; dotted: lines of equal score under the penalty (the winner lies on the highest)</p>",
+                 img(work / FRONTIER_FILE, work, "objective against changed parameters", "plot")]
+    return write_page(page(f"recipe search {work.parent.name}", body), work / REPORT_FILE)
+
+
+def _table(work: Path, rows: Sequence[Mapping[str, Any]], recipes: Mapping[str, str]) -> list[str]:
+    cells = []
+    for row in rows:
+        report = work / row["recipe"] / REPORT_FILE
+        changes = json.loads(row["changes"])  # table.csv's JSON text
+        cells.append([
+            f"<th class='text' title='{esc(recipes.get(row['recipe'], ''))}'>{esc(row['recipe'])}</th>",
+            td(", ".join(f"{k}={v}" for k, v in changes.items()) or "(base)", text=True),
+            td(row["status"], text=True), td(row.get("train_step")), td(row.get("best_step")),
+            *(score_cell(row.get(metric)) for metric in METRICS), td(row.get("objective"), 4),
+            td(row.get("parameters")), td(row.get("penalty"), 6), td(row.get("score"), 4),
+            f"<td>{link(report, work, 'run report')}</td>" if report.is_file() else "<td></td>",
+        ])
+    headers = ["recipe", "settings that differ from base", "status", "steps", "best step", *METRICS, "objective",
+               "changed parameters", "penalty", "score", "report"]
+    described = "".join(f"<li><b>{esc(name)}</b>: {esc(what)}</li>" for name, what in recipes.items())
+    return ["<h2>Recipes</h2>", table(headers, cells, [bool(row.get("winner")) for row in rows], css="recipes",
+                                      row_ids=[f"recipe-{row['recipe']}" for row in rows]),
+            f"<ul class='note'>{described}</ul>"]
+
+
+def plot_frontier(rows: Sequence[Mapping[str, Any]], penalty: float, path: Path) -> Path:
+    """Best objective against changed parameters per recipe (winner in red), with lines of equal score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    xs = [row["parameters"] / 1e6 for row in rows]
+    ys = [row["objective"] for row in rows]
+    span = (min(xs), max(xs)) if max(xs) > min(xs) else (min(xs) * 0.5, max(xs) * 1.5 + 1e-6)
+    for row, x, y in zip(rows, xs, ys):
+        axis.scatter([x], [y], s=60, color="tab:red" if row.get("winner") else "tab:blue", zorder=3)
+        axis.annotate(row["recipe"], (x, y), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        if penalty > 0:
+            axis.plot(span, [row["score"] + penalty * s for s in span], linestyle=":", color="grey", linewidth=1)
+    axis.ticklabel_format(useOffset=False)
+    axis.set_xlabel("changed parameters (millions)")
+    axis.set_ylabel("best objective")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=80)
+    plt.close(figure)
+    return path
