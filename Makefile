@@ -18,11 +18,14 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.tx
 	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
 	touch $@
 
+# the tests run torch on one thread each (tests/conftest.py), so each core runs a test of its own (pytest-xdist)
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 tiny-world: setup
 	$(PY) tools/tiny_world.py

@@ -1,9 +1,13 @@
-"""Shared fixtures: the tiny model world (built once per session through the real writers) and
+"""Shared fixtures: the tiny model world, the personalizations and the models built from it (each made once per
+session through the real writers and reused read-only; a test that changes one works on a copy), and
 public-domain photos read from installed packages (never committed competition data)."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import ml_collections
 import numpy as np
@@ -13,10 +17,23 @@ from PIL import Image
 
 from libs.config import load_config
 from libs.tiny_world import build_tiny_world
+from personalizations import write_personalization, write_subjects
+
+if TYPE_CHECKING:
+    from libs.face import DlibBackend
+
+# the processes the tests start (entry scripts, train.sh, sample.sh) run toy-sized ops on one thread too
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: full-size or end-to-end checks (run in CI; skip locally with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow end-to-end checks first: with several workers (`make test` runs pytest-xdist) the long ones
+    start at once instead of leaving one worker busy at the end while the others wait."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
@@ -45,24 +62,34 @@ def tiny_world_config(tiny_world: Path) -> ml_collections.ConfigDict:
     return config
 
 
+@pytest.fixture(scope="session")
+def tiny_session_config(tiny_world: Path) -> ml_collections.ConfigDict:
+    """The tiny config for session-scoped builders (they must not change it)."""
+    return tiny_world_config(tiny_world)
+
+
 @pytest.fixture()
 def tiny_config(tiny_world: Path) -> ml_collections.ConfigDict:
     """A fresh tiny config (safe to mutate) whose weight paths point at the session's tiny world."""
     return copy.deepcopy(tiny_world_config(tiny_world))
 
 
-@pytest.fixture()
-def tiny_config_file(tiny_config: ml_collections.ConfigDict, tmp_path: Path) -> Path:
-    """A config file for the scripts' --config flag: the tiny config with the session's tiny-world paths."""
-    path = tmp_path / "tiny_test_config.py"
+def write_config_file(config: ml_collections.ConfigDict, path: Path) -> Path:
+    """A config file for the scripts' --config flag: the tiny config with `config`'s weight paths."""
     path.write_text(
         "from libs.config import load_config\n\n\n"
         "def get_config():\n"
         "    config = load_config('tiny')\n"
-        f"    config.paths.update({tiny_config.paths.to_dict()!r})\n"
+        f"    config.paths.update({config.paths.to_dict()!r})\n"
         "    return config\n"
     )
     return path
+
+
+@pytest.fixture()
+def tiny_config_file(tiny_config: ml_collections.ConfigDict, tmp_path: Path) -> Path:
+    """A config file for the scripts' --config flag: the tiny config with the session's tiny-world paths."""
+    return write_config_file(tiny_config, tmp_path / "tiny_test_config.py")
 
 
 def _astronaut() -> Image.Image:
@@ -90,11 +117,76 @@ def public_photos() -> dict[str, Image.Image]:
     return {"astronaut": _astronaut(), "grace_hopper": _grace_hopper(), "camera": _camera()}
 
 
-@pytest.fixture()
-def photos(tmp_path: Path, public_photos: dict[str, Image.Image]) -> Path:
-    """A subject folder `train_data/boy1` with two public-domain portraits (one .jpg, one .jpeg)."""
-    folder = tmp_path / "train_data" / "boy1"
+def write_photos(root: Path, public_photos: dict[str, Image.Image]) -> Path:
+    """A subject folder `root/train_data/boy1` with two public-domain portraits (one .jpg, one .jpeg)."""
+    folder = root / "train_data" / "boy1"
     folder.mkdir(parents=True)
     public_photos["astronaut"].save(folder / "astronaut.jpg", quality=95)
     public_photos["grace_hopper"].save(folder / "grace_hopper.jpeg", quality=95)
     return folder
+
+
+@pytest.fixture()
+def photos(tmp_path: Path, public_photos: dict[str, Image.Image]) -> Path:
+    """A subject folder `train_data/boy1` with two public-domain portraits (one .jpg, one .jpeg)."""
+    return write_photos(tmp_path, public_photos)
+
+
+def copy_folder(source: Path, destination: Path) -> Path:
+    """A test's own copy of a session-built folder (file times kept), to change as it likes."""
+    shutil.copytree(source, destination)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def personalization(tiny_session_config: ml_collections.ConfigDict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A rank-2 personalization of a boy in our format (random non-zero LoRA B, a `<new1>` row). Read-only:
+    a test that changes it takes `copy_folder` of it."""
+    folder = tmp_path_factory.mktemp("personalization") / "boy1"
+    write_personalization(tiny_session_config, folder, rank=2, class_word="boy", seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def subject_personalizations(tiny_session_config: ml_collections.ConfigDict,
+                             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One personalization per competition subject, each of another rank (so each count differs). Read-only."""
+    return write_subjects(tiny_session_config, tmp_path_factory.mktemp("personalizations"))
+
+
+@pytest.fixture(scope="session")
+def positive_clip_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny CLIP ViT-B/32 with its text projection negated: its text/image cosines become positive (the
+    original's are all negative, so every CLIP-T would be clamped to 0 and compare trivially)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("clip_positive")
+    source = tiny_world / "clip-vit-base-patch32"
+    model = CLIPModel.from_pretrained(source)
+    with torch.no_grad():
+        model.text_projection.weight.neg_()
+    model.save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(source).save_pretrained(folder)
+    for extra in source.glob("preprocessor_config.json"):
+        (folder / extra.name).write_bytes(extra.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def dlib_backend() -> DlibBackend:
+    """dlib's face detector and encoder, loaded once (stateless between calls)."""
+    from libs.face import DlibBackend
+
+    return DlibBackend()
+
+
+@pytest.fixture()
+def fresh_accelerate_state() -> Iterator[None]:
+    """accelerate keeps one process-wide state that fixes the mixed precision of the first Accelerator; a test
+    that runs train.py in this process with another precision starts and leaves that state blank, as a new
+    process would (what accelerate's own test case does)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)

@@ -80,11 +80,6 @@ def tiny_insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def dlib_backend() -> DlibBackend:
-    return DlibBackend()
-
-
 def _rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 

@@ -27,7 +27,7 @@ from libs.config import REPO_ROOT
 from libs.photos import image_is_complete
 from libs.prompts import image_name
 from libs.train_output import CHECKPOINT_DIR, META_FILE, list_checkpoints
-from personalizations import write_personalization
+from conftest import copy_folder, write_config_file, write_photos
 
 PROMPTS = ["a boy smiling", "a boy on the beach", "a boy in the snow"]
 SAMPLE_FAST = ["--steps", "1", "--device", "cpu"]
@@ -48,10 +48,9 @@ def prompts(tmp_path) -> Path:
 
 
 @pytest.fixture()
-def restore(tiny_config, tmp_path) -> Path:
-    folder = tmp_path / "model_output" / "boy1"
-    write_personalization(tiny_config, folder, rank=2, class_word="boy", seed=0)
-    return folder
+def restore(personalization, tmp_path) -> Path:
+    """This test's copy of the session's rank-2 personalization, under model_output/boy1."""
+    return copy_folder(personalization, tmp_path / "model_output" / "boy1")
 
 
 def train_args(config_file: Path, photos: Path, out: Path, *extra: str) -> list:
@@ -257,14 +256,21 @@ def test_refused_pickles(tmp_path, tiny_config, tiny_config_file, prompts, capsy
 # --- resuming training ----------------------------------------------------------------------------------
 
 
-@pytest.fixture()
-def interrupted(tmp_path, tiny_config_file, photos, capsys) -> Path:
-    """A run of 2 steps with a checkpoint at each step, kept: what a resume reads."""
-    out = tmp_path / "run"
-    assert run_entry(train, train_args(tiny_config_file, photos, out)) == 0
+@pytest.fixture(scope="module")
+def interrupted_run(tiny_session_config, public_photos, tmp_path_factory) -> Path:
+    """A run of 2 steps with a checkpoint at each step, kept: what a resume reads. Trained once, read-only."""
+    root = tmp_path_factory.mktemp("interrupted")
+    config_file = write_config_file(tiny_session_config, root / "tiny_test_config.py")
+    out = root / "run"
+    assert run_entry(train, train_args(config_file, write_photos(root, public_photos), out)) == 0
     (out / META_FILE).unlink()  # as if it had stopped before writing its result
-    capsys.readouterr()
     return out
+
+
+@pytest.fixture()
+def interrupted(interrupted_run, tmp_path) -> Path:
+    """This test's copy of the interrupted run (resuming it with the same photos and settings reads it)."""
+    return copy_folder(interrupted_run, tmp_path / "run")
 
 
 @pytest.mark.parametrize("damage, pattern", [
@@ -322,24 +328,24 @@ def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> No
 
 
 @pytest.mark.parametrize("script", ["train", "sample"])
-def test_two_writers_on_one_folder(script, tmp_path, tiny_config_file, photos, restore, prompts):
+def test_two_writers_on_one_folder(script, tmp_path, tiny_config_file, photos, restore, prompts, capsys):
+    """The first run is another process holding the folder; the second, the same command line, runs here."""
     out = tmp_path / "shared"
     if script == "train":
-        args = [REPO_ROOT / "train.py", *train_args(tiny_config_file, photos, out, "--train_step", "20000",
-                                                      "--checkpointing_steps", "1000")]
+        module, args = train, train_args(tiny_config_file, photos, out, "--train_step", "20000",
+                                         "--checkpointing_steps", "1000")
     else:
-        args = [REPO_ROOT / "sample.py", *sample_args(tiny_config_file, restore, prompts, out, "--steps", "3000")]
-    command = [sys.executable, *map(str, args)]
+        module, args = sample, sample_args(tiny_config_file, restore, prompts, out, "--steps", "3000")
+    command = [sys.executable, str(REPO_ROOT / f"{script}.py"), *map(str, args)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
         _wait_for(out / ".lock", first)
         holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == first.pid
-        second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        code = run_entry(module, args)
         assert first.poll() is None, "the first run ended before the second started: make it longer"
-        assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert f"pid {first.pid}" in second.stderr and "in use by another run" in second.stderr
+        refused(capsys, code, f"pid {first.pid}", "in use by another run")
     finally:
         first.terminate()
         first.communicate(timeout=120)

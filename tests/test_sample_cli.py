@@ -23,6 +23,7 @@ from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
 import sample
+from conftest import copy_folder
 from entrypoints import run_entry
 from sample import main, parse_args
 
@@ -67,21 +68,30 @@ def randomize_lora_b(model: nn.Module) -> None:
             param.data.normal_(0, 0.1)
 
 
-@pytest.fixture()
-def ours_dir(tiny_config, tmp_path) -> tuple[Path, int]:
-    """A tiny personalization in our format (U-ViT LoRA r=2 + the <new1> token) and its trained-parameter count."""
-    nnet = load_uvit(tiny_config)
-    text_encoder = load_text_encoder(tiny_config)
+@pytest.fixture(scope="module")
+def ours_made(tiny_session_config, tmp_path_factory) -> tuple[Path, int]:
+    """A tiny personalization in our format (U-ViT LoRA r=2 + the <new1> token) and its trained-parameter count;
+    made once, read-only."""
+    config = tiny_session_config
+    nnet = load_uvit(config)
+    text_encoder = load_text_encoder(config)
     spec = LoraSpec(r=2, alpha=4.0, target_modules=uvit_lora_modules(nnet))
     modules = dict(nnet.named_modules())
-    expected = sum(lora_numel(modules[name], 2) for name in spec.target_modules) + tiny_config.clip_text_dim
+    expected = sum(lora_numel(modules[name], 2) for name in spec.target_modules) + config.clip_text_dim
     add_lora(nnet, spec)
     randomize_lora_b(nnet)
     text_encoder.add_modifier_token("<new1>", "boy")
-    out = tmp_path / "ours"
+    out = tmp_path_factory.mktemp("ours") / "ours"
     save_personalization(out, {"modifier_token": "<new1>", "class_word": "boy", "text_encoder_mode": "token",
                                "uvit_lora": spec.to_dict()}, nnet, text_encoder)
     return out, expected
+
+
+@pytest.fixture()
+def ours_dir(ours_made, tmp_path) -> tuple[Path, int]:
+    """This test's copy of the personalization in our format, and its trained-parameter count."""
+    made, expected = ours_made
+    return copy_folder(made, tmp_path / "ours"), expected
 
 
 def reference_entry(tiny_config, folder: Path, r: int = 4, lora_file: str = "lora.pt.tmp") -> int:

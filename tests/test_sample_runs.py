@@ -14,21 +14,13 @@ from pathlib import Path
 import pytest
 
 import sample
-from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.prompts import image_name
 from libs.layout import SUBJECTS
-from personalizations import write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
 FAST = ["--steps", "2", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """One personalization per competition subject, each of another rank (so each count differs)."""
-    return write_subjects(tiny_world_config(tiny_world), tmp_path_factory.mktemp("personalizations"))
 
 
 def workspace(root: Path, trained: dict[str, Path], subjects=SUBJECTS, preliminary=False, advanced=False) -> Path:
@@ -70,8 +62,9 @@ def single_run_count(config_file: Path, restore: Path, prompts: Path, out: Path,
 
 
 @pytest.mark.slow
-def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_config_file, trained, capsys):
-    root = workspace(tmp_path / "ws", trained, advanced=True)
+def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_config_file, subject_personalizations,
+                                                             capsys):
+    root = workspace(tmp_path / "ws", subject_personalizations, advanced=True)
     done = run_sample_sh(root, tiny_config_file)
     assert done.returncode == 0, done.stderr
     assert "found 8 prompt file(s)" in done.stdout
@@ -83,8 +76,9 @@ def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_conf
             made = sorted(p.name for p in folder.glob("*-*.jpg"))
             assert made == sorted(image_name(p, i) for p in range(n_prompts) for i in range(3)), folder
             assert not (folder / ".lock").exists()
-    expected = {name: single_run_count(tiny_config_file, trained[name], root / "eval_prompts_advance" / f"{name}_sim.json",
-                                       tmp_path / "single" / name, capsys) for name in SUBJECTS}
+    expected = {name: single_run_count(tiny_config_file, subject_personalizations[name],
+                                       root / "eval_prompts_advance" / f"{name}_sim.json", tmp_path / "single" / name,
+                                       capsys) for name in SUBJECTS}
     assert counts == [expected[name] for name in SUBJECTS for _ in range(2)]
     assert len(set(expected.values())) == 4 and min(expected.values()) > 0
     # the one-process images equal the separate runs' images bit for bit
@@ -95,8 +89,8 @@ def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_conf
 
 
 @pytest.mark.slow
-def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file, trained):
-    root = workspace(tmp_path / "ws", trained, preliminary=True, advanced=True)
+def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file, subject_personalizations):
+    root = workspace(tmp_path / "ws", subject_personalizations, preliminary=True, advanced=True)
     done = run_sample_sh(root, tiny_config_file, "--n_samples", "1")
     assert done.returncode == 0, done.stderr
     assert len(COUNT_LINE.findall(done.stdout)) == 12 and "found 12 prompt file(s)" in done.stdout
@@ -107,10 +101,10 @@ def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file
     assert len(COUNT_LINE.findall(only.stdout)) == 4 and only.stdout.count("nothing to sample") == 4
 
 
-def test_a_personalization_swap_is_exact(tmp_path, tiny_config_file, trained, monkeypatch):
+def test_a_personalization_swap_is_exact(tmp_path, tiny_config_file, subject_personalizations, monkeypatch):
     """boy2 rendered after boy1 in one process equals boy2 rendered alone, bit for bit."""
-    both = workspace(tmp_path / "both", trained, subjects=["boy1", "boy2"], preliminary=True)
-    alone = workspace(tmp_path / "alone", trained, subjects=["boy2"], preliminary=True)
+    both = workspace(tmp_path / "both", subject_personalizations, subjects=["boy1", "boy2"], preliminary=True)
+    alone = workspace(tmp_path / "alone", subject_personalizations, subjects=["boy2"], preliminary=True)
     for root in (both, alone):
         monkeypatch.chdir(root)
         assert run_entry(sample, ["--all", "--config", tiny_config_file, *FAST, "--n_samples", "2"]) == 0
@@ -127,8 +121,10 @@ def test_a_personalization_swap_is_exact(tmp_path, tiny_config_file, trained, mo
     ("advanced_incomplete", "the advanced split needs 8 prompt files"),
     ("bad_prompt_file", "not valid JSON"),
 ])
-def test_every_input_is_checked_before_any_run(tmp_path, tiny_config_file, trained, monkeypatch, capsys, case, message):
-    root = workspace(tmp_path / "ws", trained, subjects=["boy1", "girl1"], preliminary=case != "no_prompts")
+def test_every_input_is_checked_before_any_run(tmp_path, tiny_config_file, subject_personalizations, monkeypatch, capsys,
+                                               case, message):
+    root = workspace(tmp_path / "ws", subject_personalizations, subjects=["boy1", "girl1"],
+                     preliminary=case != "no_prompts")
     extra = []
     if case == "no_personalization":
         write_prompts(root / "eval_prompts" / "girl2.json", ["a girl"])

@@ -44,23 +44,6 @@ def clip_dir(tiny_world: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def positive_clip_dir(clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same model with its text projection negated, so text/image cosines become positive."""
-    folder = tmp_path_factory.mktemp("clip_positive")
-    model = CLIPModel.from_pretrained(clip_dir)
-    with torch.no_grad():
-        model.text_projection.weight.neg_()
-    model.save_pretrained(folder)
-    CLIPTokenizer.from_pretrained(clip_dir).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def dlib_backend() -> DlibBackend:
-    return DlibBackend()
-
-
-@pytest.fixture(scope="module")
 def scorer(dlib_backend: DlibBackend, positive_clip_dir: Path) -> Scorer:
     return Scorer(dlib_backend, clip_model=str(positive_clip_dir), device="cpu", progress=False)
 

@@ -14,13 +14,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_world_config
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
 from libs.submission import SAMPLE_ARGS_ENV
-from personalizations import write_subjects
 from test_face import synthetic_face, write_tiny_insightface_pack
 
 NETWORK_BLOCKER = '''import os, socket
@@ -35,11 +33,6 @@ socket.socket.connect_ex = _refuse
 socket.create_connection = _refuse
 socket.getaddrinfo = _refuse
 '''
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    return write_subjects(tiny_world_config(tiny_world), tmp_path_factory.mktemp("personalizations"))
 
 
 def project_copy(root: Path, trained: dict[str, Path]) -> Path:
@@ -87,29 +80,27 @@ def test_model_folders_fall_back_to_the_baked_location(tmp_path, monkeypatch):
     assert resolve_pretrained(str(mounted), "openai/clip-vit-large-patch14", "CLIP") == str(mounted)
 
 
-def test_offline_without_the_model_names_it(tmp_path, tiny_config_file, monkeypatch, capsys):
-    """Hub off and the CLIP folder nowhere: one clear error naming the model and where it was looked for."""
-    import sample
-    from entrypoints import run_entry
-
+def test_offline_without_the_model_names_it(tmp_path, tiny_config_file):
+    """Hub off and the CLIP folder nowhere: one clear error naming the model and where it was looked for. A real
+    process, as in the graders' container: the hub reads HF_HUB_OFFLINE when it is imported, so setting it in
+    this process would not switch it off (the loader would retry the hub for minutes instead)."""
     config = tmp_path / "no_clip.py"
     config.write_text(tiny_config_file.read_text().replace(
         "    return config\n", "    config.paths.clip_text = 'models/absent-clip'\n"
                               "    config.paths.clip_text_hub = 'openai/clip-vit-large-patch14'\n    return config\n"))
     prompts = tmp_path / "p.json"
     prompts.write_text(json.dumps(["a boy"]))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.delenv("UNIDIFFUSER_EXTRA_MODELS", raising=False)
-    code = run_entry(sample, ["--config", config, "--base_model", "--prompt_path", prompts, "--output_path",
-                              tmp_path / "out", "--steps", "1", "--device", "cpu"])
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err
+    done = run_tool(tmp_path, [REPO_ROOT / "sample.py", "--config", config, "--base_model", "--prompt_path", prompts,
+                               "--output_path", tmp_path / "out", "--steps", "1", "--device", "cpu"],
+                    env={"HF_HUB_OFFLINE": "1", "UNIDIFFUSER_EXTRA_MODELS": ""})
+    err = done.stderr
+    assert done.returncode == 2 and "Traceback" not in err
     assert "CLIP" in err and "openai/clip-vit-large-patch14" in err and "HF_HUB_OFFLINE" in err
     assert not (tmp_path / "out").exists()
 
 
-def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, trained):
-    root = project_copy(tmp_path / "project", trained)
+def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, subject_personalizations):
+    root = project_copy(tmp_path / "project", subject_personalizations)
     pack = tmp_path / "insightface"
     write_tiny_insightface_pack(pack)
     config = tmp_path / "config.py"
@@ -152,11 +143,11 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("candidates", [1, 2])
-def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_photos, candidates):
+def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, subject_personalizations, public_photos, candidates):
     """tools/grade_like_organizer.sh: only the mounts, hub off, every network call refused, then the sum of the
     `finetuned parameters` lines and the score dict. With --candidates 2 the no-argument sample.sh runs best-of-2
     as the image bakes it, ranking with the baked insightface pack (a tiny one) against train_data/<name>/."""
-    root = project_copy(tmp_path / "project", trained)
+    root = project_copy(tmp_path / "project", subject_personalizations)
     mounts = tmp_path / "mounts"
     models = mounts / "models"
     models.mkdir(parents=True)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample as sample_script
 import train as train_script
 from entrypoints import run_entry, script_repo
 from libs.files import load_safetensors
@@ -152,14 +153,16 @@ def run_cli(args: list[str], launcher: list[str] | None = None, env: dict[str, s
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
 
 
-def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config, photos, class_dir):
-    """fp16 as train.sh runs it: frozen weights in fp16, trained tensors in fp32, a loss scaler."""
+def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config, photos, class_dir, capsys,
+                                        fresh_accelerate_state):
+    """fp16 as train.sh runs it: frozen weights in fp16, trained tensors in fp32, a loss scaler. train.py and
+    sample.py run in this process through their command-line edge (their exit codes through a real interpreter:
+    test_train_sh_runs_the_four_subjects_in_order, test_plain_base_as_a_subprocess)."""
     config_file = tiny_config_file
     out = tmp_path / "model_output" / "boy1"
     args = ["--config", str(config_file), "-d", str(photos), "-o", str(out), "--class_data_dir", str(class_dir),
             "--train_step", "3", "--validation_steps", "2", "--mixed_precision", "fp16"]
-    done = run_cli(args)
-    assert done.returncode == 0, done.stderr
+    assert run_entry(train_script, args) == 0
 
     for name in (META_FILE, UVIT_LORA_FILE, TOKEN_FILE, RUN_FILE, f"{LOG_DIR}/{LOG_FILE}",
                  f"{VALIDATION_DIR}/step-000002.jpg", f"{VALIDATION_DIR}/step-000003.jpg"):
@@ -174,12 +177,10 @@ def test_cli_writes_what_sample_py_loads(tmp_path, tiny_config_file, tiny_config
     assert meta["trainable_parameters"] == sample_py_count(tiny_config, out) == 10_624
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["a photo of a boy"]))
-    sampled = subprocess.run([sys.executable, str(REPO_ROOT / "sample.py"), "--config", str(config_file),
-                              "--restore_path", str(out), "--prompt_path", str(prompts),
-                              "--output_path", str(tmp_path / "samples")],
-                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert [line for line in sampled.stdout.splitlines() if "finetuned parameters" in line] == [
+    capsys.readouterr()
+    assert run_entry(sample_script, ["--config", config_file, "--restore_path", out, "--prompt_path", prompts,
+                                     "--output_path", tmp_path / "samples"]) == 0
+    assert [line for line in capsys.readouterr().out.splitlines() if "finetuned parameters" in line] == [
         "finetuned parameters: 10624"]
     run = json.loads((out / RUN_FILE).read_text())
     assert run["mixed_precision"] == "fp16"

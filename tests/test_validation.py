@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import CLIPModel, CLIPTokenizer
 
 import score
 from libs.files import load_safetensors
@@ -25,22 +24,6 @@ from libs.train import metrics as metrics_module
 from libs.train.selection import SelectionError
 from libs.train_output import (CANDIDATE_DIR, CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, TOKEN_FILE, UVIT_LORA_FILE,
                                VALIDATION_DIR, candidate_files, list_checkpoints)
-
-
-@pytest.fixture(scope="module")
-def positive_clip_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny CLIP ViT-B/32 with its text projection negated: its text/image cosines become positive (the
-    original's are all negative, so every CLIP-T would be clamped to 0 and compare trivially)."""
-    folder = tmp_path_factory.mktemp("clip_positive")
-    source = tiny_world / "clip-vit-base-patch32"
-    model = CLIPModel.from_pretrained(source)
-    with torch.no_grad():
-        model.text_projection.weight.neg_()
-    model.save_pretrained(folder)
-    CLIPTokenizer.from_pretrained(source).save_pretrained(folder)
-    for extra in source.glob("preprocessor_config.json"):
-        (folder / extra.name).write_bytes(extra.read_bytes())
-    return folder
 
 
 def configured(config, **train_settings):
