@@ -28,7 +28,7 @@ from libs.personalization import META_FILE
 from libs.photos import image_is_complete
 from libs.prompts import image_name
 from libs.train.checkpoints import CHECKPOINT_DIR, list_checkpoints
-from personalizations import write_personalization
+from libs.tiny_submission import write_personalization
 
 PROMPTS = ["a boy smiling", "a boy on the beach", "a boy in the snow"]
 SAMPLE_FAST = ["--steps", "1", "--device", "cpu"]

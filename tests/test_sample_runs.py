@@ -14,12 +14,11 @@ from pathlib import Path
 import pytest
 
 import sample
-from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.prompts import image_name
 from libs.subjects import SUBJECTS
-from personalizations import write_subjects
+from libs.tiny_submission import tiny_world_config, write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
 FAST = ["--steps", "2", "--device", "cpu"]

@@ -27,7 +27,7 @@ from libs.prompts import image_name
 from libs.score_report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON
 from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
 from libs.subjects import SUBJECTS
-from test_face import synthetic_face, write_tiny_insightface_pack
+from libs.tiny_submission import synthetic_face, write_tiny_insightface_pack
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
 
