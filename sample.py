@@ -21,8 +21,8 @@ from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_confi
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.sample_runs import SampleRun, check_runs, discover_runs, render_runs
-from libs.sampling import CFG_MODES, resolve_device
+from libs.sample.runs import SampleRun, check_runs, discover_runs, render_runs
+from libs.sample.pipeline import resolve_device
 
 
 # keys outside config.sample that are flags too: flag name -> dotted key
@@ -54,7 +54,7 @@ def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
     settings = parser.add_argument_group("settings", "each sets the config.sample key of its name (--seed: the top-level "
                                          f"key; --nnet_path: paths.nnet); the defaults are the {CONFIG_FLAG} file's values")
     add_config_flags(settings, config, {**OTHER_KEYS, **block_keys(config, "sample")},
-                     key_comments(config_path(DEFAULT_CONFIG)), {"sample.cfg_mode": CFG_MODES})
+                     key_comments(config_path(DEFAULT_CONFIG)))
     parser.add_argument("--skip_existing", action="store_true", help="resume: make only the images not yet written "
                         "(an existing image is kept only if it decodes completely)")
     parser.add_argument("--no_prompt_rewrite", action="store_true",

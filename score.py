@@ -16,12 +16,13 @@ import argparse
 import sys
 import warnings
 
+from libs.config import DEFAULT_CONFIG
 from libs.errors import run_cli
 from libs.face import BACKENDS, INSIGHTFACE_ROOT
-from libs.score_report import summary_lines, task_lines, write_reports
-from libs.score_results import ADVANCED, PRELIMINARY, ScoreResult
-from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
-from libs.subjects import SUBJECTS
+from libs.score.report import summary_lines, task_lines, write_reports
+from libs.score.results import ScoreResult
+from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
+from libs.layout import ADVANCED, PRELIMINARY, SUBJECTS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--insightface_root", default=INSIGHTFACE_ROOT, help="folder holding models/buffalo_l/*.onnx")
     parser.add_argument("--clip_model", default=None,
                         help="CLIP ViT-B/32 folder or hub id (default: the config's paths.clip_img, else clip_img_hub)")
-    parser.add_argument("--config", default="unidiffuser_v1", help="config name or path (model locations)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config name or path (model locations)")
     parser.add_argument("--device", default="auto", help="torch device for CLIP (auto = cuda when available)")
     return parser.parse_args(argv)
 

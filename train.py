@@ -20,8 +20,8 @@ import ml_collections
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.lora import BLOCK_TARGETS, TOP_LEVEL_TARGETS
-from libs.train import CHOICES, RECIPES, run_auto_recipe, train
+from libs.adapters.lora import LORA_TARGETS
+from libs.train import RECIPES, run_auto_recipe, train
 
 # keys outside config.train that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -41,9 +41,8 @@ def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true", help="replace a finished personalization in -o")
     run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                      help="default: what `accelerate launch` / `accelerate config` says, else no")
-    choices = {f"train.{key}": allowed for key, allowed in CHOICES.items()}
-    choices["train.lora_targets"] = BLOCK_TARGETS + TOP_LEVEL_TARGETS
-    choices["train.auto_recipes"] = tuple(recipe.name for recipe in RECIPES)
+    choices = {"train.lora_targets": LORA_TARGETS,
+               "train.auto_recipes": tuple(recipe.name for recipe in RECIPES)}
     comments = key_comments(config_path(DEFAULT_CONFIG))
     settings = parser.add_argument_group(
         "settings", "each sets the config.train key of its name (--seed, --resolution: the top-level keys;\n"

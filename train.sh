@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/subjects.py).
+# Train the four competition subjects, in order: boy1 boy2 girl1 girl2 (libs/layout.py).
 #
 #   ./train.sh [extra train.py flags...]        e.g. ./train.sh --train_step 600 --rank 16
 #   ./train.sh --auto_recipe                     a budgeted recipe search per subject (libs/train/auto_recipe.py)
@@ -22,13 +22,12 @@ if ! command -v "$ACCELERATE" >/dev/null 2>&1; then
     fi
 fi
 
-# the subjects and their class words come from libs/subjects.py, read with the python that runs train.py
-# (the one beside accelerate): "boy1:boy boy2:boy girl1:girl girl2:girl"
+# the subjects, their class words, photos and output folders come from libs/layout.py, read with the python
+# that runs train.py (the one beside accelerate): "boy1:boy:train_data/boy1:model_output/boy1 ..."
 PYTHON=${PYTHON:-$(dirname "$(command -v "$ACCELERATE")")/python}
 [ -x "$PYTHON" ] || PYTHON=python3
-if ! subjects=$("$PYTHON" -c 'from libs.subjects import SUBJECTS, class_word_from_path as word
-print(*(f"{name}:{word(name)}" for name in SUBJECTS))'); then
-    echo "train.sh: cannot read the subject list from libs/subjects.py with $PYTHON (set PYTHON=/path/to/python)" >&2
+if ! subjects=$("$PYTHON" -c 'from libs.layout import training_runs; print(*training_runs())'); then
+    echo "train.sh: cannot read the subject list from libs/layout.py with $PYTHON (set PYTHON=/path/to/python)" >&2
     exit 1
 fi
 
@@ -40,10 +39,7 @@ for arg in "$@"; do
 done
 
 for subject in $subjects; do
-    name=${subject%%:*}
-    class_word=${subject#*:}
-    data="train_data_crop/$name"
-    [ -d "$data" ] || data="train_data/$name"
+    IFS=: read -r name class_word data out <<< "$subject"
     if [ ! -d "$data" ]; then
         echo "train.sh: no photos for $name (looked in train_data_crop/$name and train_data/$name)" >&2
         exit 1
@@ -54,9 +50,9 @@ for subject in $subjects; do
         prior=(--no_prior_preservation)
         echo "train.sh: no class_data/$class_word: training $name without prior preservation" >&2
     fi
-    echo "=== $name: $data -> model_output/$name"
+    echo "=== $name: $data -> $out"
     if ! "$ACCELERATE" launch --mixed_precision fp16 --num_processes 1 train.py \
-            -d "$data" -o "model_output/$name" "${prior[@]}" ${resume[@]+"${resume[@]}"} "$@"; then
+            -d "$data" -o "$out" "${prior[@]}" ${resume[@]+"${resume[@]}"} "$@"; then
         echo "train.sh: training $name failed (see above); stopping, later subjects were not trained" >&2
         exit 1
     fi

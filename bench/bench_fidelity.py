@@ -9,7 +9,7 @@ Paths (a U-ViT with a LoRA of --lora-rank on the default targets, random B; one 
   reference        fp32 weights, LoRA unmerged, fp32 compute
   official         fp32 weights, LoRA unmerged, under autocast(dtype): the official script's path
   ours             sample.py's: a weight-sharing copy, LoRA merged and placed for inference
-                   (libs.lora.merge_lora -> libs.precision.place_for_inference), under autocast(dtype)
+                   (libs.adapters.lora.merge_lora -> libs.precision.place_for_inference), under autocast(dtype)
   ours_cast_all    as ours, but every tensor cast to dtype (normalization weights too): what keeping the
                    norms in fp32 buys
   ours_compiled    ours with regional compilation (UViT.compile_blocks); opt-in (--compile)
@@ -28,9 +28,9 @@ from torch import nn
 
 from bench.common import (DTYPES, autocast, bench_config, common_parser, fmt_float, fmt_str, interleaved_runs,
                           print_table, size_summary, start, timing_fields, uvit_inputs, write_result)
-from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.loading import build_uvit
-from libs.sampling import weight_sharing_copy
+from libs.sample.pipeline import weight_sharing_copy
 
 BENCH = "bench_fidelity"
 GUARD = 1.5

@@ -41,7 +41,7 @@ from PIL import Image
 
 from bench.common import (Measured, bench_config, common_parser, fmt_float, fmt_str, median, print_table,
                           size_summary, start, timing_fields, write_random_checkpoints, write_result)
-from libs.class_set import IMAGES_DIR, write_class_set
+from libs.class_images.folder import IMAGES_DIR, write_class_set
 from libs.config import REPO_ROOT
 
 BENCH = "bench_flow"

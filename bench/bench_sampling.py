@@ -10,7 +10,7 @@ Modes
                   on the default targets) left unmerged, SDPA attention (what the official U-ViT code picks
                   on torch >= 2), fp32 weights under autocast (fp16 on CUDA as the official script; none on
                   CPU), no_grad, one VAE decode of the whole batch
-  pipeline        libs.sampling.T2IPipeline.generate exactly as sample.py runs it (batched CFG, merged
+  pipeline        libs.sample.pipeline.T2IPipeline.generate exactly as sample.py runs it (batched CFG, merged
                   LoRA, SDPA, matmul weights cast to the inference dtype, VAE decoded one image at a time)
   ablations       `pipeline` with one thing changed, through a bench loop that calls the same
                   t2i_sample: unbatched_cfg, unmerged_lora, math_attention (explicit fp32 softmax, the
@@ -23,7 +23,7 @@ Modes
                   libs.caption_decoder.load_caption_decoder (prefix layers only), from the same file
 
 Weights are random, written as checkpoint files and loaded through load_pipeline / load_personalization
-(bench.common.random_checkpoints); the prompt is fixed and the noise comes from libs.sampling's per-image
+(bench.common.random_checkpoints); the prompt is fixed and the noise comes from libs.sample.pipeline's per-image
 generators. With fewer than 50 steps, s_per_prompt_at_50_steps scales the denoising time to 50.
 """
 from __future__ import annotations
@@ -47,13 +47,13 @@ from libs.config import latent_shape
 from libs.diffusion import N_TRAIN_STEPS
 from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as PREFIX
 from libs.models.loading import load_caption_decoder, load_uvit
 from libs.personalization import load_personalization, save_personalization
 from libs.precision import inference_dtype, place_for_inference
-from libs.sampling import T2IPipeline, combine_joint, load_pipeline, split_joint, t2i_sample, to_pil_images
+from libs.sample.pipeline import T2IPipeline, combine_joint, load_pipeline, split_joint, t2i_sample, to_pil_images
 
 BENCH = "bench_sampling"
 PROMPT = "a photo of a boy standing in the wild, smiling at the camera"
@@ -118,7 +118,7 @@ def mode_dtype(mode: Mode, device: torch.device) -> torch.dtype:
 def two_pass_sample(nnet: nn.Module, text: Tensor, z_init: Tensor, clip_img_init: Tensor, steps: int, scale: float,
                     data_type: int, text_noise_fn: Callable[[Tensor], Tensor]) -> Tensor:
     """The official t2i loop: `true_uncond` CFG with the conditional and unconditional passes as two
-    separate forwards per solver step (everything else as libs.sampling.t2i_sample)."""
+    separate forwards per solver step (everything else as libs.sample.pipeline.t2i_sample)."""
     z_shape, clip_img_dim = tuple(z_init.shape[1:]), clip_img_init.shape[-1]
     types = torch.full((z_init.shape[0],), data_type, dtype=torch.long, device=z_init.device)
 

@@ -6,7 +6,7 @@ phase, for this checkout and optionally an older revision, interleaved in one ru
 
 Each timed run is a fresh process (bench/startup_probe.py) over the same model files, so the page cache is
 warm after the warm-up runs (the issue's "start-up with a warm page cache"):
-  sample  `import sample` (all sample.py imports), libs.sampling.load_base, personalize(count_parameters=True):
+  sample  `import sample` (all sample.py imports), libs.sample.pipeline.load_base, personalize(count_parameters=True):
           a personalization of the config's LoRA rank with a token applied, counted (spec §7), merged and
           placed on the device (`merge`: the merge_lora calls, reported apart: on a CPU the merge makes
           3.5 GB of new fp32 weights and dominates, on a GPU it runs on the device); the count it prints must

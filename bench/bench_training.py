@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import itertools
 import tempfile
 import time
@@ -131,7 +132,8 @@ def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections
 
 def mode_models(mode: Mode, config: ml_collections.ConfigDict, plan: Plan, device: torch.device) -> Models:
     """libs.train.build_models for `mode`, from the random checkpoint files."""
-    models = build_models(mode_config(mode, config), plan, device, train_dtype(mode, device))
+    models = build_models(dataclasses.replace(plan, config=mode_config(mode, config)), device,
+                          train_dtype(mode, device))
     if mode.compile_blocks:
         models.model.nnet.compile_blocks()
     return models
@@ -199,7 +201,7 @@ def training_data(config, plan: Plan, models: Models, instance: list[TrainImage]
     local = copy.deepcopy(config)
     local.train.cache_latents = cached
     started = time.perf_counter()
-    data = build_data(local, plan, instance, classes, models, device, True)
+    data = build_data(dataclasses.replace(plan, config=local), instance, classes, models, device, True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return data, time.perf_counter() - started

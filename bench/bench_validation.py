@@ -84,13 +84,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         out = Path(tmp) / "out"
         plan = Plan(config, photos, out, CLASS_WORD, TOKEN, CLASS_WORD, fill_prompt(cfg.instance_prompt, TOKEN,
                                                                                      CLASS_WORD), None)
-        models = build_models(config, plan, device, dtype)
-        data = build_data(config, plan, instance, None, models, device, True)
+        models = build_models(plan, device, dtype)
+        data = build_data(plan, instance, None, models, device, True)
         scorer_config = copy.deepcopy(config)
         scorer_config.paths.clip_img = str(write_scorer_clip(Path(tmp) / "scorer_clip", config.bench_clip))
         scorer = MetricScorer(scorer_config, cfg.validation_face_backend, str(device))
         run_log = RunLog(out, True, 0)
-        validation = Validation(config, plan, models.model, models.autoencoder, dtype, data, run_log,
+        validation = Validation(plan, models.model, models.autoencoder, dtype, data, run_log,
                                 OneProcess(device), scorer, Selection(out, "best", cfg.objective))
         validated = itertools.count(1)
         runs = {"train_step": TrainStep(DEFAULT, models, data, cfg, device, int(config.seed)),

@@ -36,8 +36,8 @@ from transformers import (CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, 
 from libs.config import REPO_ROOT, latent_shape, load_config
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as CAPTION_PREFIX
-from libs.models.loading import autoencoder_ldm_state, build_autoencoder, quiet_transformers
-from libs.models.uvit import UViT
+from libs.models.loading import quiet_transformers
+from libs.tiny_world import write_base_models
 from libs.precision import autocast  # noqa: F401 - re-exported for the bench scripts
 from libs.tiny_world import write_clip_tokenizer
 
@@ -108,12 +108,8 @@ def write_random_checkpoints(config: ml_collections.ConfigDict, folder: str | Pa
     torch.manual_seed(seed)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"nnet": folder / "uvit_v1.pth", "autoencoder": folder / "autoencoder_kl.pth",
-             "caption_decoder": folder / "caption_decoder.pth"}
-    torch.save(UViT(**config.nnet).state_dict(), files["nnet"])
-    torch.save(autoencoder_ldm_state(build_autoencoder(config)), files["autoencoder"])
-    prefix = CaptionDecoderPrefix(**config.caption_decoder).state_dict()
-    torch.save({f"{CAPTION_PREFIX}{k}": v for k, v in prefix.items()}, files["caption_decoder"])
+    files = write_base_models(config, folder, lambda: {
+        f"{CAPTION_PREFIX}{k}": v for k, v in CaptionDecoderPrefix(**config.caption_decoder).state_dict().items()})
     text_dir, image_dir = folder / "clip-vit-large-patch14", folder / "clip-vit-base-patch32"
     write_clip_tokenizer(text_dir)
     with quiet_transformers():
@@ -127,7 +123,7 @@ def write_random_checkpoints(config: ml_collections.ConfigDict, folder: str | Pa
 def write_personalization(config: ml_collections.ConfigDict, folder: str | Path, seed: int = 0) -> Path:
     """A personalization as train.py writes it with the config's recipe (U-ViT LoRA of `train.rank` on the
     default targets with small random B, a `<new1>` token), for the random base models of `config`."""
-    from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+    from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
     from libs.models.loading import load_text_encoder, load_uvit
     from libs.personalization import save_personalization
 
@@ -154,7 +150,7 @@ def random_checkpoints(config: ml_collections.ConfigDict, seed: int = 0) -> Iter
 
 def write_scorer_clip(folder: Path, sizes: ml_collections.ConfigDict, seed: int = 0) -> Path:
     """A random full CLIPModel (image tower of `sizes`, text tower of `sizes`) with the real tokenizer: what
-    libs.scoring.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
+    libs.score.scorer.Scorer loads as its CLIP ViT-B/32 (random_checkpoints' image folder holds the tower alone)."""
     torch.manual_seed(seed)
     write_clip_tokenizer(folder)
     with quiet_transformers():

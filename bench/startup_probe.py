@@ -3,10 +3,10 @@
     python bench/startup_probe.py --repo <checkout> --program sample --config <config.json> --restore <folder>
 
 Runs against any checkout of this repository (an older revision too: it uses only what sample.py and
-train.py have long used: their own imports, libs.sampling.load_base / personalize / merge_lora,
+train.py have long used: their own imports, libs.sample.pipeline.load_base / personalize / merge_lora,
 libs.train.Plan / build_models / make_optimizer), so one bench run can compare revisions. Prints one JSON
 line: the seconds of each phase since the interpreter began this file (`merge`: the time inside
-libs.sampling's merge_lora calls, taken out of `personalize`), the changed-parameter count (sample), peak
+libs.sample.pipeline's merge_lora calls, taken out of `personalize`), the changed-parameter count (sample), peak
 memory. The config is the JSON of an ml_collections config whose paths point at the model files.
 """
 import time
@@ -60,11 +60,11 @@ def main() -> None:
     device = torch.device(args.device)
     result: dict = {}
     if args.program == "sample":
-        import libs.sampling
-        from libs.sampling import load_base, personalize
+        import libs.sample.pipeline
+        from libs.sample.pipeline import load_base, personalize
 
         merging = [0.0]
-        merge_lora = libs.sampling.merge_lora
+        merge_lora = libs.sample.pipeline.merge_lora
 
         def timed_merge(*merge_args, **merge_kwargs):  # split the merge off: on a CPU it dominates, on a GPU not
             started = time.perf_counter()
@@ -73,7 +73,7 @@ def main() -> None:
             finally:
                 merging[0] += time.perf_counter() - started
 
-        libs.sampling.merge_lora = timed_merge
+        libs.sample.pipeline.merge_lora = timed_merge
         base = load_base(config, device)
         lap("load_base")
         pipeline = personalize(base, args.restore, count_parameters=True)
@@ -95,7 +95,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             plan = Plan(config, Path("synthetic"), Path(out), "boy", "<new1>", "boy",
                         fill_prompt(config.train.instance_prompt, "<new1>", "boy"), None)
-            models = build_models(config, plan, device, dtype)
+            models = build_models(plan, device, dtype)
             make_optimizer(models.trainable(), config.train)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)

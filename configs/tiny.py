@@ -1,6 +1,6 @@
 """The tiny world: the real architecture at toy sizes, for tests and the CPU demo.
 
-`python -m libs.tiny_world` writes a complete model set for this config into `tiny_world/models/`
+`python tools/tiny_world.py` writes a complete model set for this config into `tiny_world/models/`
 in exactly the real file formats, so the production loaders are what the tests exercise.
 """
 import ml_collections

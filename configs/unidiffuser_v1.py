@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.name = "unidiffuser_v1"
     config.seed = 1234  # base seed: every random draw of training and sampling is keyed by it
 
-    # --- where the weights live (see models/README.md; `python -m libs.download` fetches them) ---
+    # --- where the weights live (see models/README.md; `python tools/download.py` fetches them) ---
     config.paths = d(
         nnet="models/uvit_v1.pth",  # the base U-ViT checkpoint
         autoencoder="models/autoencoder_kl.pth",
@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
         min_snr_gamma=0.0,  # min-SNR-gamma weighting of every row by min(SNR, gamma) / SNR (5 is usual); 0 = off
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
-        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/lora.py)
+        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/adapters/lora.py)
         rank=32,  # U-ViT LoRA rank; the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
         alpha=32.0,  # U-ViT LoRA alpha: scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
         lora_dropout=0.1,  # dropout on the LoRA inputs (U-ViT and text encoder)

@@ -105,6 +105,16 @@ KEY_RANGES: dict[str, Range] = {
     "train.auto_budget": AT_LEAST_ONE,
     "train.auto_param_penalty": NON_NEGATIVE,
 }
+KEY_CHOICES: dict[str, tuple[str, ...]] = {
+    # every string key with a fixed set of values; the modules that implement them read their list here,
+    # the flags offer exactly these, and training checks them before anything is written
+    "sample.cfg_mode": ("true_uncond", "empty_token"),
+    "train.text_encoder_mode": ("frozen", "token", "lora", "full"),
+    "train.lr_scheduler": ("constant", "cosine", "linear"),
+    "train.crop": ("face", "center"),
+    "train.selection": ("best", "last"),
+    "train.validation_face_backend": ("auto", "insightface", "dlib", "none"),
+}
 
 
 def range_problems(config: ml_collections.ConfigDict, keys: Iterable[str]) -> list[str]:

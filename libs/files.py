@@ -10,7 +10,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -200,6 +200,15 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._keys
+
+
+def load_json(path: str | Path, failure: Callable[[Exception], Exception]) -> Any:
+    """A JSON file's content; when it cannot be read or parsed, the error `failure` makes of the reason (each
+    caller names the file and its own fix)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:  # ValueError: UnicodeDecodeError and JSONDecodeError
+        raise failure(error) from error
 
 
 def save_json(data: Any, path: str | Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Protocol, Sequence
 
 import ml_collections
 
-from libs.config import DEFAULT_CONFIG, KEY_RANGES, Range, get_key
+from libs.config import DEFAULT_CONFIG, KEY_CHOICES, KEY_RANGES, Range, get_key
 
 DEST_PREFIX = "config."
 """The parsed value of the flag for dotted key `train.lr` is `vars(args)["config.train.lr"]`."""
@@ -79,10 +79,10 @@ def add_config_flags(parser: FlagTarget, config: ml_collections.ConfigDict,
     """Add one flag per entry of `keys` (flag name -> dotted key), typed by the key's value in `config`.
 
     `comments` (dotted key -> text, see key_comments) gives the help texts and the order (keys without a
-    comment come last); `choices` (dotted key -> allowed values) restricts a key, element-wise for
-    tuples (whose help lists them); `aliases` (dotted key -> more option strings) adds spellings: for a
+    comment come last); `choices` (dotted key -> allowed values, besides libs.config.KEY_CHOICES) restricts a
+    key, element-wise for tuples (whose help lists them); `aliases` (dotted key -> more option strings) adds spellings: for a
     bool, an alias starting with `--no_` switches it off, any other alias on."""
-    choices, aliases = choices or {}, aliases or {}
+    choices, aliases = {**KEY_CHOICES, **(choices or {})}, aliases or {}
     order = {dotted: index for index, dotted in enumerate(comments)}
     for flag, dotted in sorted(keys.items(), key=lambda item: (order.get(item[1], len(order)), item[0])):
         value = get_key(config, dotted)

@@ -1,13 +1,13 @@
 """The competition's prompt files and output names, and the prompt rewriting around the trained token."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Sequence
 
 from libs.errors import UserError
-from libs.subjects import CLASS_WORDS
+from libs.files import load_json
+from libs.layout import CLASS_WORDS
 
 
 class PromptFileError(UserError):
@@ -19,10 +19,7 @@ def load_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise PromptFileError(f"prompt file not found: {path}")
-    try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
-        raise PromptFileError(f"prompt file {path} is not valid JSON: {problem}") from problem
+    prompts = load_json(path, lambda problem: PromptFileError(f"prompt file {path} is not valid JSON: {problem}"))
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise PromptFileError(f"prompt file {path} must hold a JSON list of strings")
     if not prompts:

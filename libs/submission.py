@@ -22,10 +22,10 @@ from libs.download import local_model_folder
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
 from libs.personalization import check_restore_path
-from libs.subjects import SUBJECTS
+from libs.layout import ADVANCED, MODEL_OUTPUT, PROMPT_ROOTS, SUBJECTS, TRAIN_DATA, model_dir
 
 STAGE_DIR = Path("build") / "submission" / "models"
-GRADER_MOUNTS = ("eval_prompts_advance", "train_data", "models")
+GRADER_MOUNTS = (PROMPT_ROOTS[ADVANCED], TRAIN_DATA, "models")
 
 
 def grader_command(sample_args: str = "", score_args: str = "") -> str:
@@ -63,7 +63,7 @@ class SubmissionPlan:
 
     def describe(self) -> str:
         lines = [f"submission {self.name!r} (image {self.tag}):"]
-        lines += [f"  model_output/{name}: {path}" for name, path in self.subjects.items()]
+        lines += [f"  {MODEL_OUTPUT}/{name}: {path}" for name, path in self.subjects.items()]
         lines += [f"  {target.relative_to(self.root)} <- {source} "
                   f"({sum(p.stat().st_size for p in model_files(source)) / 2**20:.0f} MiB)" for source, target in self.models]
         lines += [f"  build: {' '.join(map(shlex.quote, self.build_command()))}",
@@ -86,12 +86,12 @@ def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_ro
     problems: list[str] = []
     subjects = {}
     for subject in SUBJECTS:
-        folder = root / "model_output" / subject
+        folder = model_dir(subject, root)
         try:
             check_restore_path(folder)
             subjects[subject] = folder
         except UserError as error:
-            problems.append(f"model_output/{subject}: {error}")
+            problems.append(f"{MODEL_OUTPUT}/{subject}: {error}")
     stage = root / STAGE_DIR
     models = []
     for key, what in (("clip_text", "CLIP ViT-L/14 text encoder"), ("clip_img", "CLIP ViT-B/32 (image encoder, scorer)")):

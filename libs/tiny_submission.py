@@ -18,11 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
 from libs.config import load_config
-from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.layout import SUBJECTS
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
-from libs.subjects import SUBJECTS
 
 TINY_KPS = (0.3, 0.35, 0.7, 0.35, 0.5, 0.55, 0.35, 0.75, 0.65, 0.75)  # 5 landmarks inside a 32x32 cell
 

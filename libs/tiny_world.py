@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import json
 import shutil
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -114,6 +115,18 @@ def _save_pickle(state: dict[str, torch.Tensor], path: Path) -> None:
         torch.save({k: v.contiguous() for k, v in state.items()}, tmp)
 
 
+def write_base_models(config, folder: Path, caption_decoder: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Path]:
+    """uvit_v1.pth, autoencoder_kl.pth and caption_decoder.pth with random weights of `config`'s sizes, in the
+    official pickle formats (the tiny world and the benches' full-size models both write them here);
+    returns them by config.paths key. `caption_decoder` makes that file's state, after the other two."""
+    files = {"nnet": folder / "uvit_v1.pth", "autoencoder": folder / "autoencoder_kl.pth",
+             "caption_decoder": folder / "caption_decoder.pth"}
+    _save_pickle(UViT(**config.nnet).state_dict(), files["nnet"])
+    _save_pickle(autoencoder_ldm_state(build_autoencoder(config)), files["autoencoder"])
+    _save_pickle(caption_decoder(), files["caption_decoder"])
+    return files
+
+
 def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, force: bool = False) -> Path:
     """Write the tiny model set (deterministic, seed 0) and return its folder; skips when up to date."""
     config = load_config(config_name)
@@ -128,9 +141,7 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     folder.mkdir(parents=True)
     torch.manual_seed(SEED)
 
-    _save_pickle(UViT(**config.nnet).state_dict(), folder / "uvit_v1.pth")
-    _save_pickle(autoencoder_ldm_state(build_autoencoder(config)), folder / "autoencoder_kl.pth")
-    _save_pickle(caption_decoder_state(config), folder / "caption_decoder.pth")
+    write_base_models(config, folder, lambda: caption_decoder_state(config))
 
     tiny = config.tiny_clip
     text_folder = folder / Path(config.paths.clip_text).name

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.config import load_config
 from libs.tiny_submission import tiny_world_config
 from libs.tiny_world import build_tiny_world
 

@@ -15,9 +15,9 @@ import pytest
 import train as train_script
 from entrypoints import run_entry, script_repo
 from libs.locks import FolderBusyError, claimed_folder
-from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
-from libs.train.auto_recipe import AUTO_DIR, TABLE_FILE, plan_candidates
+from libs.train.auto_recipe import plan_candidates
+from libs.train_output import AUTO_DIR, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 # the objective (sim_face here) of each recipe's validated steps
 CURVES = {"base": {1: 0.50, 2: 0.60}, "half_rank": {1: 0.58, 2: 0.55}, "double_lr": {1: 0.62, 2: 0.40}}

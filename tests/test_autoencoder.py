@@ -17,7 +17,7 @@ from libs.config import load_config
 from libs.models.autoencoder import AutoencoderKL
 from libs.models.loading import (autoencoder_ldm_state, autoencoder_state_from_ldm, build_autoencoder,
                                  load_autoencoder, original_autoencoder_state)
-from libs.param_count import count_changed_parameters
+from libs.adapters.param_count import count_changed_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 # the reference key list lives outside the repository (../shared, or shared/ in some checkouts)

@@ -1,5 +1,5 @@
-"""libs.class_sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
-layouts), the class-set loader's checks, and class image generation when libs.sampling is present."""
+"""libs.class_images.sources / tools/class_images.py: CelebA selection on a small fake CelebA folder built here (official and Kaggle
+layouts), the class-set loader's checks, and class image generation when libs.sample.pipeline is present."""
 from __future__ import annotations
 
 import subprocess
@@ -12,8 +12,9 @@ from PIL import Image
 
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
-from libs.class_set import ClassSetError, load_class_set
-from libs.class_sources import generate_class_images, import_celeba, read_celeba_attribute
+from libs.class_images.folder import ClassSetError, load_class_set
+from libs.class_images.sources import generate_class_images, import_celeba, read_celeba_attribute
+from libs.flags import overrides
 from tools import class_images
 
 
@@ -179,3 +180,17 @@ def test_generate_writes_n_images_and_resumes(tiny_config, tmp_path: Path,
     assert np.abs(third - first).mean() > 5.0  # another index, another seed
     with pytest.raises(ClassSetError, match="made differently"):
         generate_class_images(tiny_config, folder, "boy", n=3, seed=6, device="cpu")
+
+
+@pytest.mark.parametrize("flag, value, message", [("--steps", "0", "--steps: must be >= 1, got 0"),
+                                                  ("--scale", "nan", "--scale: must be a finite number")])
+def test_generate_sampling_flags_come_from_the_config_with_their_ranges(flag: str, value: str, message: str,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--steps / --scale are config.sample's keys: an out-of-range value is a usage error (exit 2), not a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        class_images.parse_args(["generate", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert overrides(class_images.parse_args(["generate", "--steps", "7", "--scale", "3"])) == {"sample.steps": 7,
+                                                                                             "sample.scale": 3.0}

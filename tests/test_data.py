@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from libs.class_set import write_class_set
+from libs.class_images.folder import write_class_set
 from libs.models.loading import load_autoencoder, load_image_encoder
 from libs.train import ImageEncoder, LatentSource, TrainImage, load_class_images, load_instance_images, square_crop
 from libs.photos import CROPS_FILE, list_images, open_image

@@ -20,7 +20,7 @@ from libs.photos import CROPS_FILE, PhotoError
 from libs.train import Batch, BatchMaker, ImageEncoder, LatentSource, TrainData, load_instance_images, loss_terms
 from libs.train.batches import mask_weights, min_snr_weights
 from libs.train.encodings import latent_mask
-from libs.train.records import loss_summary
+from libs.train.summary import loss_summary
 from libs.train.images import square_crop
 
 PERSON = (20, 20, 80, 150)  # x0, y0, x1, y1 of the person in the 120 x 200 photo (off centre: a flip differs)

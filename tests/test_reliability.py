@@ -24,11 +24,10 @@ import train
 from entrypoints import run_entry
 from libs.files import cached_sha256, hash_cache_dir
 from libs.config import REPO_ROOT
-from libs.personalization import META_FILE
 from libs.photos import image_is_complete
 from libs.prompts import image_name
-from libs.train.checkpoints import CHECKPOINT_DIR, list_checkpoints
 from libs.tiny_submission import write_personalization
+from libs.train_output import CHECKPOINT_DIR, META_FILE, list_checkpoints
 
 PROMPTS = ["a boy smiling", "a boy on the beach", "a boy in the snow"]
 SAMPLE_FAST = ["--steps", "1", "--device", "cpu"]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from libs.config import REPO_ROOT, latent_shape
-from libs.lora import LoraSpec, add_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
 import sample

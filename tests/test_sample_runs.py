@@ -17,7 +17,7 @@ import sample
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.prompts import image_name
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 from libs.tiny_submission import tiny_world_config, write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)

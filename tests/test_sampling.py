@@ -1,4 +1,4 @@
-"""The text-to-image loop (libs/sampling.py) on the tiny world: batched guidance, the two unconditional
+"""The text-to-image loop (libs/sample/pipeline.py) on the tiny world: batched guidance, the two unconditional
 modes, reproducible noise, prompt rewriting and the pipeline loader."""
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from PIL import Image
 from libs.config import latent_shape
 from libs.diffusion import keyed_generator as sample_generator
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
 from libs.models.loading import load_text_encoder, load_uvit
 from libs.personalization import save_personalization
 from libs.precision import place_for_inference
 from libs.prompts import PromptFileError as SamplingInputError
 from libs.prompts import load_prompts, rewrite_prompt
-from libs.sampling import (combine_joint, generate_images, load_pipeline, split_joint, t2i_sample,
+from libs.sample.pipeline import (combine_joint, generate_images, load_pipeline, split_joint, t2i_sample,
                            weight_sharing_copy)
 
 STEPS = 4

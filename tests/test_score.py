@@ -24,10 +24,13 @@ from libs.face import DlibBackend, InsightFaceBackend
 from libs.photos import PhotoError
 from libs.photos import open_image as load_rgb
 from libs.prompts import image_name
-from libs.score_report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON
-from libs.scoring import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
+from libs.score.metrics import ADVANCED_KEYS, METRIC_NAMES, METRICS
+from libs.score.report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON, write_reports
+from libs.score.results import ImageScore, PromptScore, ScoreResult, TaskResult
+from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
 from libs.tiny_submission import synthetic_face, write_tiny_insightface_pack
+from libs.train.selection import METRICS as OBJECTIVE_METRICS
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
 
@@ -534,12 +537,12 @@ def test_detect_runs_picks_the_completely_rendered_splits(rendered: Path, tmp_pa
     where = _workspace(rendered, tmp_path, ["boy1", "girl1", "boy1_sim", "boy1_edit", "girl1_sim"])
     roots = {split: where / Path(folder).name for split, folder in DEFAULT_PROMPT_ROOTS.items()}
     runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1"])
-    assert [(run.split, [spec.task for spec in run.tasks]) for run in runs] == [
+    assert [(run.split, [spec.name for spec in run.tasks]) for run in runs] == [
         ("preliminary", ["boy1"]), ("advanced", ["boy1_sim", "boy1_edit"])]
     assert runs[1].prompts_dir == roots["advanced"]
     assert runs[1].tasks[1].prompt_file == where / "eval_prompts_advance/boy1_edit.json"
     assert runs[1].tasks[1].output_dir == where / "outputs/boy1_edit"
-    assert runs[1].tasks[1].ref_dir == where / "train_data/boy1"
+    assert runs[1].tasks[1].photo_dir == where / "train_data/boy1"
 
     with pytest.warns(ScoringWarning, match="advanced split only partly rendered.*girl1_edit"):
         runs = detect_runs(where / "train_data", roots, where / "outputs", ["boy1", "girl1"])
@@ -548,3 +551,27 @@ def test_detect_runs_picks_the_completely_rendered_splits(rendered: Path, tmp_pa
     with pytest.raises(ScoringError, match="nothing to score") as error:
         detect_runs(where / "train_data", roots, where / "outputs", ["boy2"])
     assert str(where / "outputs/boy2/") in str(error.value) and str(where / "outputs/boy2_sim/") in str(error.value)
+
+
+def test_the_metric_table_drives_the_means_the_dicts_and_the_reports(tmp_path: Path):
+    """Per-image numbers in, every level and every output from libs/score/metrics.py's table: the printed
+    dicts keep the competition's keys, the objective's vocabulary is the advanced keys, the CSV has a
+    column per metric, and a missing image counts 0 on every metric."""
+    def image(path: str, **scores: float) -> ImageScore:
+        return ImageScore(path, 0, 0, bool(scores), bool(scores), {**dict.fromkeys(METRIC_NAMES, 0.0), **scores})
+
+    full = dict(face=0.8, clip_img=0.6, clip_text=0.3)
+    tasks = {f"boy1_{split}": TaskResult(f"boy1_{split}", "refs", "out", [],
+                                         [PromptScore(0, "p", 5, [image("a.jpg", **full), image("b.jpg")])])
+             for split in ("sim", "edit")}
+    advanced = ScoreResult("advanced", "dlib", False, tasks)
+    assert advanced.summary == {"sim_face": 0.4, "sim_clip_img": 0.3, "edit_face": 0.4, "edit_clip_img": 0.3,
+                                "edit_clip_text": 0.15}
+    assert tuple(advanced.summary) == ADVANCED_KEYS == OBJECTIVE_METRICS
+    preliminary = ScoreResult("preliminary", "dlib", False, {"boy1": tasks["boy1_sim"]})
+    assert preliminary.summary == {"face": 0.4, "img_clip": 0.3, "text_clip": 0.15}
+    assert tasks["boy1_sim"].to_dict()["clip_img"] == 0.3
+    write_reports([advanced], tmp_path)
+    with open(tmp_path / RESULTS_CSV, newline="") as handle:
+        header = next(csv.reader(handle))
+    assert [column for column in header if column in METRIC_NAMES] == [metric.name for metric in METRICS]

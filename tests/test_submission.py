@@ -16,7 +16,7 @@ import pytest
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
-from libs.subjects import SUBJECTS
+from libs.layout import SUBJECTS
 from libs.tiny_submission import (tiny_world_config, write_grader_config, write_grader_mounts, write_subjects,
                                   write_tiny_insightface_pack)
 

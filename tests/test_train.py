@@ -18,18 +18,18 @@ from PIL import Image
 import train as train_script
 from entrypoints import run_entry, script_repo
 from libs.files import load_safetensors
-from libs.class_set import write_class_set
+from libs.class_images.folder import write_class_set
 from libs.config import REPO_ROOT, load_config
 from libs.diffusion import add_noise, alphas_cumprod, stable_diffusion_betas
-from libs.lora import LoraSpec, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, uvit_lora_modules
 from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder, load_uvit
-from libs.param_count import count_finetuned_parameters
-from libs.personalization import (META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE,
-                                  load_personalization)
+from libs.adapters.param_count import count_finetuned_parameters
+from libs.personalization import load_personalization
 from libs.prompts import fill_prompt
-from libs.subjects import class_word_from_path
-from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, TrainingError, ViewSampler,
-                        build_models, count_trainable, list_checkpoints, make_plan, total_loss, train)
+from libs.layout import class_word_from_path
+from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
+from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
+                               TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
 
 
 @pytest.fixture()
@@ -121,7 +121,7 @@ def test_default_lora_targets_and_parameter_count(tiny_config, photos):
     assert "patch_embed.proj" in uvit_lora_modules(nnet, ["proj", "patch_embed.proj"])
 
     plan = make_plan(configured(tiny_config), photos, photos.parent / "out")
-    models = build_models(tiny_config, plan, torch.device("cpu"), torch.float32)
+    models = build_models(plan, torch.device("cpu"), torch.float32)
     r, width = tiny_config.train.rank, tiny_config.nnet.embed_dim
     per_block = r * (width + 3 * width) + r * 2 * width + r * (width + 4 * width) + r * (4 * width + width)
     uvit = 5 * per_block + r * (tiny_config.text_dim + width) + r * (tiny_config.clip_img_dim + width)

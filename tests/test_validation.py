@@ -16,14 +16,15 @@ from transformers import CLIPModel, CLIPTokenizer
 import score
 from libs.files import load_safetensors
 from libs.face import FaceModelMissing
-from libs.personalization import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 from libs.photos import open_image
-from libs.sample_files import save_jpeg
-from libs.sampling import load_pipeline
-from libs.train import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, METRICS, VALIDATION_DIR, MetricScorer, Objective, Rendered,
-                        TrainingError, ValidationScores, list_checkpoints, make_plan, train)
+from libs.sample.files import save_jpeg
+from libs.sample.pipeline import load_pipeline
+from libs.train import (METRICS, MetricScorer, Objective, Rendered, TrainingError, ValidationScores, make_plan,
+                        train)
 from libs.train import metrics as metrics_module
-from libs.train.selection import CANDIDATE_DIR, SelectionError, candidate_files
+from libs.train.selection import SelectionError
+from libs.train_output import (CANDIDATE_DIR, CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, TOKEN_FILE, UVIT_LORA_FILE,
+                               VALIDATION_DIR, candidate_files, list_checkpoints)
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
 from typing import Any, Sequence  # noqa: E402
 
-from libs.class_set import IMAGES_DIR, ClassSetError  # noqa: E402
-from libs.class_sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
+from libs.class_images.folder import IMAGES_DIR, ClassSetError  # noqa: E402
+from libs.class_images.sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
                                 import_celeba, missing_indices)
+from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config  # noqa: E402
 from libs.errors import run_cli  # noqa: E402
+from libs.flags import CONFIG_FLAG, add_config_flags, key_comments, overrides, selected_config  # noqa: E402
+
+# the config.sample keys generate takes as flags (help, type and range from the config)
+SAMPLE_KEYS = {"steps": "sample.steps", "scale": "sample.scale"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: Any) -> argparse.ArgumentParser:
+    """The flags; generate's sampling flags show `config`'s values as their defaults."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -34,16 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
     celeba = commands.add_parser("celeba", parents=[common], help="pick real faces from a CelebA download")
     celeba.add_argument("--celeba_dir", required=True, help="folder with img_align_celeba/ and list_attr_celeba.txt")
     generate = commands.add_parser("generate", parents=[common], help="render class images with the base UniDiffuser")
-    generate.add_argument("--config", default="unidiffuser_v1")
-    generate.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
-    generate.add_argument("--scale", type=float, default=None, help="guidance scale (default: the config's)")
+    generate.add_argument(CONFIG_FLAG, default=DEFAULT_CONFIG, help="config name in configs/ or a .py path")
+    add_config_flags(generate, config, SAMPLE_KEYS, key_comments(config_path(DEFAULT_CONFIG)))
     generate.add_argument("--batch_size", type=int, default=4)
     generate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    return build_parser(load_config(selected_config(argv))).parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -59,7 +64,7 @@ def main(args: argparse.Namespace) -> None:
         sets = {}
         for word in args.class_word:
             if pipeline is None and missing_indices(out_dir / word, args.num_images):
-                from libs.sampling import load_pipeline
+                from libs.sample.pipeline import load_pipeline
 
                 pipeline = load_pipeline(config, device)  # once for all class words
             sets[word] = generate_class_images(config, out_dir / word, word, args.num_images, args.seed,
@@ -71,9 +76,7 @@ def main(args: argparse.Namespace) -> None:
 def _generation_setup(args: argparse.Namespace) -> tuple[Any, str]:
     import torch
 
-    from libs.config import apply_overrides, load_config
-
-    config = apply_overrides(load_config(args.config), {"sample.steps": args.steps, "sample.scale": args.scale})
+    config = apply_overrides(load_config(args.config), overrides(args))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return config, device
 

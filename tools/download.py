@@ -13,14 +13,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any folder: the repository's libs/
 
-from libs.config import load_config  # noqa: E402
+from libs.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from libs.download import WEIGHT_KEYS, download_weights  # noqa: E402
 from libs.errors import UserError, run_cli  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="unidiffuser_v1", help="config name in configs/ or a .py path")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="config name in configs/ or a .py path")
     parser.add_argument("--only", nargs="+", choices=WEIGHT_KEYS, help="fetch only these items")
     return parser.parse_args(argv)
 

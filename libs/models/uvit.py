@@ -109,6 +109,7 @@ class UViT(nn.Module):
                  mlp_time_embed: bool, text_dim: int, num_text_tokens: int, clip_img_dim: int,
                  use_checkpoint: bool = False):
         super().__init__()
+        # plain attribute assignments (the same shape as other modules' constructors: boilerplate, not a twin)
         self.in_chans = in_chans
         self.patch_size = patch_size
         self.embed_dim = embed_dim

@@ -7,8 +7,11 @@
     optim.py        AdamW over the trained tensors and the learning-rate schedule
     batches.py      one step's noisy batch and the joint loss (spec §5)
     checkpoints.py  checkpoints to resume exactly
-    records.py      train_config.json, logs, the start summary, the personalization's meta record
-    metrics.py      the validation set (sim/edit prompts) and the competition metric on it (libs.scoring)
+    records.py      train_config.json and the personalization's meta record
+    logs.py         the JSONL / TensorBoard log and a step's log line
+    summary.py      the lines printed before the first step
+    validation_set.py  the validation set (sim/edit prompts, fixed generators) and a step's rendered images
+    metrics.py      the competition metric on it (libs/score/scorer.py)
     selection.py    the objective and the best validated step's adapters (candidates on disk)
     curves.py       the validation curves as a PNG
     validation.py   fixed-noise loss, and the validation images rendered, scored and logged during training
@@ -16,31 +19,30 @@
     auto_recipe.py  run_auto_recipe(): a budgeted search over documented recipes, best by objective - penalty
 """
 from libs.train.batches import Batch, BatchMaker, ViewSampler, loss_terms, noisy_batch, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, RESUMABLE_CHANGES, list_checkpoints, load_checkpoint,
-                                    recipe_differences, remove_checkpoints, save_checkpoint)
+from libs.train.checkpoints import RESUMABLE_CHANGES, load_checkpoint, recipe_differences, save_checkpoint
 from libs.train.encodings import ImageEncoder, LatentSource, TrainData, build_data, describe_sources, vae_pixels
 from libs.train.images import (CROP_MODES, TrainImage, load_class_images, load_instance_images, square_crop)
 from libs.train.loop import TrainResult, train
 from libs.train.model import JointNoisePredictor, Models, build_models, count_trainable
 from libs.train.optim import SCHEDULERS, make_optimizer, make_scheduler
-from libs.train.plan import CHOICES, Plan, TrainingError, make_plan
-from libs.train.records import LOG_DIR, LOG_FILE, RUN_FILE, VALIDATION_DIR, RunLog
+from libs.train.plan import Plan, TrainingError, make_plan
+from libs.train.logs import RunLog
 from libs.train.validation import fixed_noise_loss
-from libs.train.metrics import MetricScorer, Rendered, ScoreFn, ValidationScores, ValidationSet
+from libs.train.metrics import MetricScorer, ScoreFn, ValidationScores
+from libs.train.validation_set import Rendered, ValidationSet
 from libs.train.selection import METRICS, Objective, Selection
 from libs.train.auto_recipe import RECIPES, run_auto_recipe
 
 __all__ = [
     "Batch", "BatchMaker", "ViewSampler", "loss_terms", "noisy_batch", "total_loss",
-    "CHECKPOINT_DIR", "RESUMABLE_CHANGES", "list_checkpoints", "load_checkpoint", "recipe_differences",
-    "remove_checkpoints", "save_checkpoint",
+    "RESUMABLE_CHANGES", "load_checkpoint", "recipe_differences", "save_checkpoint",
     "ImageEncoder", "LatentSource", "TrainData", "build_data", "describe_sources", "vae_pixels",
     "CROP_MODES", "TrainImage", "load_class_images", "load_instance_images", "square_crop",
     "TrainResult", "train",
     "JointNoisePredictor", "Models", "build_models", "count_trainable",
     "SCHEDULERS", "make_optimizer", "make_scheduler",
-    "CHOICES", "Plan", "TrainingError", "make_plan",
-    "LOG_DIR", "LOG_FILE", "RUN_FILE", "VALIDATION_DIR", "RunLog",
+    "Plan", "TrainingError", "make_plan",
+    "RunLog",
     "fixed_noise_loss",
     "MetricScorer", "Rendered", "ScoreFn", "ValidationScores", "ValidationSet",
     "METRICS", "Objective", "Selection",

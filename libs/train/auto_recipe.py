@@ -31,15 +31,13 @@ from typing import Any, Callable
 import ml_collections
 
 from libs.files import CheckpointError, atomic_path, save_json
-from libs.personalization import META_FILE, check_restore_path
+from libs.personalization import check_restore_path
 from libs.train.loop import StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
-from libs.train.records import OUTPUT_FILES, RUN_FILE, prepare_output
 from libs.train.selection import METRICS
+from libs.train_output import AUTO_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
 
-AUTO_DIR = "auto_recipe"
-TABLE_FILE = "table.csv"
 RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
 
 

@@ -22,15 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from libs.files import (CheckpointError, key_mismatches, load_safetensors, safe_torch_load, save_json,
+from libs.files import (CheckpointError, key_mismatches, load_json, load_safetensors, safe_torch_load, save_json,
                              save_safetensors, save_torch)
+from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, checkpoint_path,
+                               list_checkpoints)
 
-CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_PREFIX = "checkpoint-"
-CHECKPOINT_STATE = "training_state.json"
-CHECKPOINT_WEIGHTS = "trainable.safetensors"
-CHECKPOINT_OPTIMIZER = "optimizer.pt"
-# keys that may change when a run is resumed: they do not change what a step computes (nor how a validated
+# keys that may change when a run is resumed (a list of names, like loading.py's _LDM_ORDER: data, not a twin): they do not change what a step computes (nor how a validated
 # step is scored and chosen: the validation set, face backend, selection and objective stay as recorded)
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
                      "validation_steps", "validation_batch_size", "cache_latents", "cache_dir", "encode_batch_size",
@@ -54,15 +51,6 @@ def load_trainable(model: nn.Module, path: Path, what: str = "trained tensors", 
     with torch.no_grad():
         for name, tensor in saved.items():
             own[name].copy_(tensor)
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints (they are renamed into place only when fully written), oldest first."""
-    folder = Path(out_dir) / CHECKPOINT_DIR
-    if not folder.is_dir():
-        return []
-    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / CHECKPOINT_STATE).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -92,7 +80,7 @@ def _to_host(value: Any) -> Any:
 
 def _write_checkpoint(out_dir: Path, step: int, contents: dict[str, Any], state: dict[str, Any], keep: int) -> Path:
     folder = out_dir / CHECKPOINT_DIR
-    final = folder / f"{CHECKPOINT_PREFIX}{step:06d}"
+    final = checkpoint_path(out_dir, step)
     tmp = folder / f".{final.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -162,12 +150,9 @@ class CheckpointWriter:
 
 def read_checkpoint_state(path: Path) -> dict[str, Any]:
     """training_state.json of a checkpoint (step, recipe, images), checked before anything is loaded."""
-    file = path / CHECKPOINT_STATE
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise CheckpointError(f"cannot read {file}: {error}; delete {path} to resume from the checkpoint "
-                              "before it, or pass --overwrite to start over") from error
+    file = path / CHECKPOINT_STATE  # read by files.load_json like personalization.json; the checks below are this file's
+    state = load_json(file, lambda error: CheckpointError(f"cannot read {file}: {error}; delete {path} to resume from "
+                                                          "the checkpoint before it, or pass --overwrite to start over"))
     if (not isinstance(state, dict) or not isinstance(state.get("step"), int) or state["step"] < 0
             or not isinstance(state.get("recipe"), dict)):
         raise CheckpointError(f"{file} is not a training state (it needs a step and a recipe); delete {path} to "
@@ -191,15 +176,6 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise CheckpointError(f"{path / CHECKPOINT_OPTIMIZER} does not hold this run's optimizer state ({error}); "
                               f"delete {path} to resume from the checkpoint before it, or pass --overwrite") from error
     return state
-
-
-def remove_checkpoints(out_dir: Path) -> None:
-    """Delete our checkpoint folders (and the checkpoints folder when that leaves it empty)."""
-    folder = out_dir / CHECKPOINT_DIR
-    for checkpoint in list_checkpoints(out_dir) + list(folder.glob(f".{CHECKPOINT_PREFIX}*.tmp")):
-        shutil.rmtree(checkpoint)
-    if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()
 
 
 def recipe_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from libs.files import atomic_path
 
-CURVES_FILE = "curves.png"
 PANELS = (
     ("face (insightface or dlib cosine)", ("sim_face", "edit_face")),
     ("CLIP image similarity to the photos", ("sim_clip_img", "edit_clip_img")),

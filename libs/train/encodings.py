@@ -186,9 +186,10 @@ def encoder_fingerprint(config: ml_collections.ConfigDict) -> str:
     return "|".join(parts or [clip]) + ("" if clip_files else f"|{clip}")
 
 
-def build_data(config: ml_collections.ConfigDict, plan: Plan, instance: list[TrainImage],
-               classes: list[TrainImage] | None, models: Models, device: torch.device, is_main: bool) -> TrainData:
+def build_data(plan: Plan, instance: list[TrainImage], classes: list[TrainImage] | None, models: Models,
+               device: torch.device, is_main: bool) -> TrainData:
     """Encode every view once (VAE moments, CLIP image embeddings) and the prompts that do not train."""
+    config = plan.config
     cfg = config.train
     clip_image = load_image_encoder(config, device)
     encoder = ImageEncoder(models.autoencoder, clip_image, device)

@@ -5,7 +5,7 @@ side is the training resolution (aspect ratio kept, never squashed) and cropped 
 face when a face box is known (the data-preparation step's `crops.json`, or a face detector), else in the
 centre. A horizontal flip is a second cached *view* of the same image, not a per-step transform
 (libs/train/encodings.py encodes every view once). Photos are read only through libs.photos, class
-sets only through libs.class_set.
+sets only through libs.class_images.folder.
 
 With `masks`, a photo's person mask (the cropping step's `masks/<stem>.png`, libs.photos.person_masks)
 gets exactly the framing of its photo, resized bilinearly (never LANCZOS: it would ring past [0, 255]).
@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from libs.class_set import MAKE_HINT, ClassSetError, load_class_set
+from libs.class_images.folder import MAKE_HINT, ClassSetError, load_class_set
+from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.photos import UNREADABLE, Box, PhotoError, face_boxes, list_images, open_image, person_masks
 
-CROP_MODES = ("face", "center")
+CROP_MODES = KEY_CHOICES["train.crop"]
 
 
 @dataclass(frozen=True)

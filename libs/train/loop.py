@@ -24,19 +24,21 @@ from libs.locks import claimed_folder
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
-from libs.train.checkpoints import (CHECKPOINT_DIR, CheckpointWriter, list_checkpoints, load_checkpoint,
-                                    read_checkpoint_state, recipe_differences, remove_checkpoints)
-from libs.train.curves import CURVES_FILE, plot_curves
+from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
+from libs.train.curves import plot_curves
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.model import JointNoisePredictor, build_models, count_trainable
 from libs.train.optim import make_optimizer, make_scheduler
 from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.records import (VALIDATION_DIR, RunLog, personalization_meta, prepare_output, start_summary,
-                                step_logs, write_run_file)
+from libs.train.logs import RunLog, step_logs
+from libs.train.records import personalization_meta, write_run_file
+from libs.train.summary import start_summary
 from libs.train.selection import Selection
 from libs.train.validation import Validation
+from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, VALIDATION_DIR, list_checkpoints, prepare_output,
+                               remove_checkpoints)
 
 
 @dataclass
@@ -103,7 +105,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     weight_dtype = DTYPES.get(accelerator.mixed_precision, torch.float32)
     seed = int(config.seed)
     set_seed(seed)
-    models = build_models(config, plan, accelerator.device, weight_dtype)
+    models = build_models(plan, accelerator.device, weight_dtype)
     trainable_parameters = count_trainable(models.model)
     sources = describe_sources(instance) + (describe_sources(classes) if classes else [])
     if cfg.validation_steps and accelerator.is_main_process and score_fn is None:
@@ -119,7 +121,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
 
     # every image view encoded once, the prompts that do not train encoded once
     started = time.perf_counter()
-    data = build_data(config, plan, instance, classes, models, accelerator.device, accelerator.is_main_process)
+    data = build_data(plan, instance, classes, models, accelerator.device, accelerator.is_main_process)
     if class_warning:
         data.warnings.append(class_warning)
     for warning in data.warnings:
@@ -149,7 +151,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     # the steps
     run_log = RunLog(plan.out_dir, accelerator.is_main_process, start_step)
     batches = BatchMaker(data, cfg, models.autoencoder, seed, accelerator.process_index)
-    validation = Validation(config, plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator,
+    validation = Validation(plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator,
                             score_fn, selection)
     checkpoints = CheckpointWriter()  # writes in a thread while the next steps run
     try:
@@ -200,7 +202,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
         record = selection.finish(unwrapped, int(cfg.train_step), keep_pinned=bool(cfg.keep_checkpoints))
-        meta = personalization_meta(config, plan, models, trainable_parameters, data.warnings, record)
+        meta = personalization_meta(plan, models, trainable_parameters, data.warnings, record)
         files = save_personalization(plan.out_dir, meta, unwrapped.nnet, unwrapped.text_encoder)
         if not cfg.keep_checkpoints:
             remove_checkpoints(plan.out_dir)

@@ -1,11 +1,5 @@
-"""The competition metric during training: a fixed validation set shaped like the advanced split, and the
-scorer that judges its images with exactly the code score.py runs.
-
-The set: `validation_sim_prompts` and `validation_edit_prompts` (written with {class_word}; the token
-is put before the class word for sampling, as sample.py does, and CLIP-T is scored against the prompt
-without it, as the competition scores its JSON prompts), `validation_images` images each, every image
-from its own fixed generator keyed by (seed, split, prompt, image): a step's images differ from another
-step's only by what training changed.
+"""The competition metric during training: the scorer that judges the validation set's images
+(libs/train/validation_set.py) with exactly the code score.py runs.
 
 The references are the subject's photos in `-d` (the competition scores against train_data/<name>;
 when `-d` holds the crops, CLIP-I is measured against the crops). A validated step's images are written
@@ -21,88 +15,20 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import ml_collections
 import numpy as np
-import torch
-from PIL import Image
 
-from libs.files import save_json
-from libs.diffusion import keyed_generator
+from libs.config import KEY_CHOICES
 from libs.errors import UserError
 from libs.face import FaceBackend, DetectedFace, get_face_backend
-from libs.prompts import fill_prompt, image_name, rewrite_prompt
-from libs.score_results import ADVANCED, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS
+from libs.score.results import ScoreResult, TaskResult
+from libs.score.scorer import Scorer, ScoringWarning
+from libs.layout import ADVANCED, ADVANCED_SPLITS
+from libs.train.validation_set import Rendered
 
-FACE_BACKEND_CHOICES = ("auto", "insightface", "dlib", "none")
-PROMPTS_DIR = "prompts"
-STREAM_VALIDATION = 6  # after libs/train/batches.py's streams: the validation images' generators
-
-
-@dataclass(frozen=True)
-class ValidationImage:
-    """One image of the set: its split, prompt index and sample index, the prompt scored and the one sampled."""
-
-    split: str
-    index: int
-    idx: int
-    prompt: str
-    sampled: str
-
-
-@dataclass
-class ValidationSet:
-    """The prompts of each split (as scored) and how many images each; `task` names the subject."""
-
-    task: str
-    prompts: dict[str, list[str]]
-    token: str | None
-    class_word: str
-    images_per_prompt: int
-    seed: int
-
-    @classmethod
-    def from_config(cls, config: ml_collections.ConfigDict, task: str, token: str | None,
-                    class_word: str) -> ValidationSet:
-        cfg = config.train
-        templates = {"sim": cfg.validation_sim_prompts, "edit": cfg.validation_edit_prompts}
-        prompts = {split: [fill_prompt(p, None, class_word) for p in templates[split]] for split in ADVANCED_SPLITS}
-        return cls(task, prompts, token, class_word, int(cfg.validation_images), int(config.seed))
-
-    def task_name(self, split: str) -> str:
-        return f"{self.task}_{split}"
-
-    def items(self) -> list[ValidationImage]:
-        return [ValidationImage(split, index, idx, prompt, rewrite_prompt(prompt, self.token, [self.class_word]))
-                for split in ADVANCED_SPLITS for index, prompt in enumerate(self.prompts[split])
-                for idx in range(self.images_per_prompt)]
-
-    def generator(self, item: ValidationImage) -> torch.Generator:
-        return keyed_generator(self.seed, STREAM_VALIDATION, ADVANCED_SPLITS.index(item.split), item.index, item.idx)
-
-    def image_path(self, step_dir: Path, item: ValidationImage) -> Path:
-        return step_dir / self.task_name(item.split) / image_name(item.index, item.idx)
-
-    def write_prompt_files(self, validation_dir: Path) -> Path:
-        """`prompts/<name>_sim.json` and `<name>_edit.json`: score.py's --prompts for the saved images."""
-        folder = validation_dir / PROMPTS_DIR
-        for split in ADVANCED_SPLITS:
-            save_json(self.prompts[split], folder / f"{self.task_name(split)}.json")
-        return folder
-
-
-@dataclass
-class Rendered:
-    """One validated step's images, as decoded from the files written under `folder`."""
-
-    step: int
-    ref_dir: Path
-    folder: Path
-    validation_set: ValidationSet
-    images: dict[str, list[list[Image.Image]]]  # split -> prompt -> images
+FACE_BACKEND_CHOICES = KEY_CHOICES["train.validation_face_backend"]
 
 
 @dataclass
@@ -149,12 +75,10 @@ def validation_face_backend(name: str) -> FaceBackend:
 
 
 class MetricScorer:
-    """libs.scoring's Scorer (face backend + CLIP ViT-B/32, loaded once, references cached per folder)
+    """libs.score.scorer's Scorer (face backend + CLIP ViT-B/32, loaded once, references cached per folder)
     applied to a validated step, aggregated as score.py aggregates the advanced split."""
 
     def __init__(self, config: ml_collections.ConfigDict, face_backend: str = "auto", device: str = "cpu"):
-        from libs.scoring import Scorer  # here: libs.train.plan imports this module for its choices only
-
         self.scorer = Scorer(validation_face_backend(face_backend), config=config, device=str(device),
                              progress=False)
         self._warned: set[str] = set()
@@ -164,8 +88,6 @@ class MetricScorer:
         return self.scorer.face.name
 
     def __call__(self, rendered: Rendered) -> ValidationScores:
-        from libs.scoring import ScoringWarning
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ScoringWarning)  # said once below, not at every step
             references = self.scorer.references(rendered.ref_dir).references

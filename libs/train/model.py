@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import ml_collections
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from libs.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
+from libs.adapters.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
 from libs.train.plan import Plan, TrainingError
 
@@ -21,6 +20,7 @@ class JointNoisePredictor(nn.Module):
 
     def __init__(self, nnet: nn.Module, text_encoder: nn.Module, caption_prefix: nn.Module, data_type: int):
         super().__init__()
+        # plain attribute assignments (boilerplate shared with libs/models/uvit.py's constructor)
         self.nnet = nnet
         self.text_encoder = text_encoder
         self.caption_prefix = caption_prefix
@@ -60,9 +60,9 @@ class Models:
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
 
 
-def build_models(config: ml_collections.ConfigDict, plan: Plan, device: torch.device,
-                 weight_dtype: torch.dtype) -> Models:
+def build_models(plan: Plan, device: torch.device, weight_dtype: torch.dtype) -> Models:
     """Base towers frozen in `weight_dtype`; LoRA, token rows and trained text weights in fp32."""
+    config = plan.config
     cfg = config.train
     nnet = load_uvit(config, "cpu", torch.float32)
     uvit_spec = LoraSpec(r=int(cfg.rank), alpha=float(cfg.alpha), dropout=float(cfg.lora_dropout),

@@ -9,8 +9,11 @@ import ml_collections
 import torch
 from torch import nn
 
-# config name -> transformers.get_scheduler name; every schedule starts with `warmup_steps` of warmup
-SCHEDULERS = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+from libs.config import KEY_CHOICES
+
+# config name (libs.config.KEY_CHOICES, in order) -> transformers.get_scheduler name; every schedule starts
+# with `warmup_steps` of warmup
+SCHEDULERS = dict(zip(KEY_CHOICES["train.lr_scheduler"], ("constant_with_warmup", "cosine", "linear"), strict=True))
 
 
 def make_optimizer(trainable: Sequence[tuple[str, nn.Parameter]], cfg: ml_collections.ConfigDict,

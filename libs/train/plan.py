@@ -12,21 +12,13 @@ from typing import Any
 
 import ml_collections
 
-from libs.config import latent_shape, range_problems
+from libs.config import KEY_CHOICES, latent_shape, range_problems
 from libs.download import TRAINING_WEIGHTS, ensure_weights
 from libs.errors import UserError
-from libs.personalization import META_FILE, TEXT_ENCODER_MODES
 from libs.prompts import fill_prompt
-from libs.subjects import class_word_from_path
-from libs.train.checkpoints import CHECKPOINT_DIR, CHECKPOINT_STATE, list_checkpoints
-from libs.train.images import CROP_MODES
-from libs.train.metrics import FACE_BACKEND_CHOICES
-from libs.train.optim import SCHEDULERS
-from libs.train.selection import SELECTION_MODES, Objective, SelectionError
-
-# the keys with a fixed set of values, each from the module that implements them
-CHOICES = {"text_encoder_mode": TEXT_ENCODER_MODES, "lr_scheduler": tuple(SCHEDULERS), "crop": CROP_MODES,
-           "selection": SELECTION_MODES, "validation_face_backend": FACE_BACKEND_CHOICES}
+from libs.layout import class_word_from_path
+from libs.train.selection import Objective, SelectionError
+from libs.train_output import CHECKPOINT_DIR, CHECKPOINT_STATE, META_FILE, list_checkpoints
 
 
 class TrainingError(UserError):
@@ -65,7 +57,8 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
     """Check the settings and the output folder; raises TrainingError, writes nothing."""
     cfg = config.train
     data_dir, out_dir = Path(data_dir), Path(out_dir)
-    for key, allowed in CHOICES.items():
+    for key, allowed in ((dotted[len("train."):], allowed) for dotted, allowed in KEY_CHOICES.items()
+                         if dotted.startswith("train.")):
         if cfg[key] not in allowed:
             raise TrainingError(f"{key} {cfg[key]!r} not in {allowed}")
     if "text_out" in cfg.lora_targets:

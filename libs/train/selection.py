@@ -26,15 +26,18 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from libs.config import KEY_CHOICES
 from libs.files import save_safetensors
+from libs.score.metrics import ADVANCED_KEYS
 from libs.errors import UserError
-from libs.train.checkpoints import CHECKPOINT_STATE, list_checkpoints, load_trainable, trainable_state
+from libs.train.checkpoints import load_trainable, trainable_state
+from libs.train_output import (CANDIDATE_DIR, CHECKPOINT_STATE, candidate_files, candidate_path, candidate_step,
+                               list_checkpoints)
 
-METRICS = ("sim_face", "sim_clip_img", "edit_face", "edit_clip_img", "edit_clip_text")
-"""The competition's advanced numbers (libs.score_results.ScoreResult.advanced), what validation logs."""
+METRICS = ADVANCED_KEYS
+"""The objective's vocabulary: the competition's advanced numbers (libs/score/metrics.py), what validation logs."""
 FACE_FALLBACK = {"sim_face": "sim_clip_img", "edit_face": "edit_clip_img"}
-SELECTION_MODES = ("best", "last")
-CANDIDATE_DIR = "candidates"
+SELECTION_MODES = KEY_CHOICES["train.selection"]
 _TERM = re.compile(r"^\s*(?:(?P<weight>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<metric>[a-z_]+)\s*$")
 
 
@@ -143,7 +146,7 @@ class Selection:
         """Delete every candidate that is neither the best so far nor a checkpoint's recorded best."""
         keep = pinned_steps(self.out_dir) | ({self.best} if self.best is not None else set())
         for path in candidate_files(self.out_dir):
-            if _step_of(path) not in keep:
+            if candidate_step(path) not in keep:
                 path.unlink()
 
     def finish(self, model: nn.Module, last_step: int, keep_pinned: bool) -> dict[str, Any]:
@@ -167,15 +170,6 @@ class Selection:
                 "face_usable": self.face_usable, "scores": {str(k): v for k, v in sorted(self.scores.items())}}
 
 
-def candidate_path(out_dir: Path, step: int) -> Path:
-    return Path(out_dir) / CANDIDATE_DIR / f"step-{step:06d}.safetensors"
-
-
-def candidate_files(out_dir: Path) -> list[Path]:
-    folder = Path(out_dir) / CANDIDATE_DIR
-    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
-
-
 def pinned_steps(out_dir: Path) -> set[int]:
     """The best steps recorded in the checkpoints on disk: a resume from any of them needs its candidate."""
     pinned = set()
@@ -187,7 +181,3 @@ def pinned_steps(out_dir: Path) -> set[int]:
         if isinstance(best, int):
             pinned.add(best)
     return pinned
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.split("-")[1])

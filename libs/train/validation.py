@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import ml_collections
 import torch
 from PIL import Image
 from torch import nn
@@ -23,16 +22,18 @@ from libs.diffusion import alphas_cumprod, keyed_generator
 from libs.grids import image_grid
 from libs.photos import open_image
 from libs.precision import autocast
-from libs.sample_files import save_jpeg
-from libs.sampling import T2IPipeline
-from libs.subjects import ADVANCED_SPLITS
+from libs.sample.files import save_jpeg
+from libs.sample.pipeline import T2IPipeline
+from libs.layout import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
 from libs.train.encodings import TrainData
-from libs.train.metrics import Rendered, ScoreFn, ValidationSet
+from libs.train.metrics import ScoreFn
+from libs.train.validation_set import Rendered, ValidationSet
 from libs.train.model import JointNoisePredictor
 from libs.train.plan import Plan
-from libs.train.records import VALIDATION_DIR, RunLog
+from libs.train.logs import RunLog
 from libs.train.selection import Selection
+from libs.train_output import VALIDATION_DIR, validation_grid, validation_step_dir
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # the fixed-noise loss: one pass per timestep over the photos
 GRID_CELL = 256
@@ -80,9 +81,9 @@ class TrainingPipeline(T2IPipeline):
 class Validation:
     """Called at step 0, every `validation_steps` and at the last step (main process works, the others wait)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, plan: Plan, model: JointNoisePredictor,
-                 autoencoder: nn.Module, weight_dtype: torch.dtype, data: TrainData, run_log: RunLog, accelerator: Any,
-                 score_fn: ScoreFn | None, selection: Selection):
+    def __init__(self, plan: Plan, model: JointNoisePredictor, autoencoder: nn.Module, weight_dtype: torch.dtype,
+                 data: TrainData, run_log: RunLog, accelerator: Any, score_fn: ScoreFn | None, selection: Selection):
+        config = plan.config
         self.config, self.plan, self.model, self.autoencoder = config, plan, model, autoencoder
         self.weight_dtype = weight_dtype
         self.data, self.run_log, self.accelerator = data, run_log, accelerator
@@ -139,7 +140,7 @@ class Validation:
                                             steps=int(cfg.validation_sample_steps))
         model.train(was_training)
         vset.write_prompt_files(self.folder)
-        step_dir = self.folder / f"step-{step:06d}"
+        step_dir = validation_step_dir(self.plan.out_dir, step)
         decoded: dict[str, list[list[Image.Image]]] = {
             split: [[] for _ in vset.prompts[split]] for split in ADVANCED_SPLITS}
         for item, image in zip(items, images):
@@ -148,7 +149,7 @@ class Validation:
             decoded[item.split][item.index].append(open_image(path))
         rows = [[image for prompt in decoded[split] for image in prompt] for split in ADVANCED_SPLITS]
         grid = image_grid(rows, cell=GRID_CELL, labels=list(ADVANCED_SPLITS))
-        save_jpeg(grid, self.folder / f"step-{step:06d}.jpg")
+        save_jpeg(grid, validation_grid(self.plan.out_dir, step))
         self.run_log.image("validation", grid, step)
         return Rendered(step, self.plan.data_dir, step_dir, vset, decoded)
 

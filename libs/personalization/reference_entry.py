@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from libs.files import CheckpointError, safe_torch_load
-from libs.lora import LoraSpec, add_lora, load_lora_state, require_targets
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, require_targets
 from libs.models.clip import CLIPTextEncoder
-from libs.personalization import Personalization
+from libs.personalization.folder import Personalization, add_token
 
 REFERENCE_LORA_FILES = ("lora.pt", "lora.pt.tmp")  # the entry renamed .tmp only after a clean finish
 REFERENCE_ADAPTER_CONFIG = "adapter_config.json"
@@ -109,11 +109,7 @@ def load_reference_entry(restore_path: Path, nnet: nn.Module, text_encoder: CLIP
         meta["uvit_lora"] = spec.to_dict()
         meta["source_files"].append(lora_file.name)
     if token is not None:
-        name, rows = token
-        try:
-            text_encoder.add_modifier_token(name, rows, num_vectors=rows.shape[0])
-        except ValueError as error:
-            raise CheckpointError(f"{restore_path}: cannot add token {name!r}: {error}") from error
+        add_token(text_encoder, *token, restore_path)
         meta["source_files"].extend(p.name for p in _reference_token_files(restore_path))
     nnet.eval()
     text_encoder.eval()

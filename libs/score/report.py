@@ -17,13 +17,13 @@ from urllib.parse import quote
 
 from libs.files import atomic_path, save_json
 from libs.models.clip import MAX_LENGTH
-from libs.score_results import ScoreResult, TaskResult
+from libs.score.metrics import METRIC_NAMES, METRICS
+from libs.score.results import ScoreResult, TaskResult
 
 RESULTS_JSON = "score_results.json"
 RESULTS_CSV = "score_results.csv"
 REPORT_HTML = "score_report.html"
-CSV_FIELDS = ("task", "prompt_index", "idx", "path", "found", "face_found", "face", "clip_img", "clip_text",
-              "error", "prompt")
+CSV_FIELDS = ("task", "prompt_index", "idx", "path", "found", "face_found", *METRIC_NAMES, "error", "prompt")
 
 
 def results_json(results: Sequence[ScoreResult]) -> dict:
@@ -59,8 +59,8 @@ def write_reports(results: Sequence[ScoreResult], folder: str | Path) -> dict[st
 
 def task_lines(results: Sequence[ScoreResult]) -> list[str]:
     """One line per task (its three means, face detection rate, reference faces, missing images)."""
-    lines = [f"{name:12s} face {task.face:.4f}  clip_img {task.clip_img:.4f}  clip_text {task.clip_text:.4f}  "
-             f"faces {task.face_detection_rate:.0%}  ref faces {task.reference_faces}/{len(task.references)}  "
+    lines = [f"{name:12s} " + "  ".join(f"{metric} {value:.4f}" for metric, value in task.means().items())
+             + f"  faces {task.face_detection_rate:.0%}  ref faces {task.reference_faces}/{len(task.references)}  "
              f"missing {len(task.missing)}"
              for result in results for name, task in result.tasks.items()]
     incomparable = next((r for r in results if not r.comparable_with_competition), None)
@@ -120,11 +120,12 @@ def _split_summary(result: ScoreResult) -> list[str]:
         out.append(" <span class='warn'>(face scores not comparable with competition numbers)</span>")
     out.append("</p><table><tr>" + "".join(f"<th>{esc(k)}</th>" for k in result.summary) + "</tr><tr>"
                + "".join(_cell(v) for v in result.summary.values()) + "</tr></table>")
-    out.append("<table><tr><th>task</th><th>face</th><th>clip_img</th><th>clip_text</th><th>face detected</th>"
-               "<th>reference faces</th><th>missing</th></tr>")
+    out.append("<table><tr><th>task</th>" + "".join(f"<th title='{esc(m.label)}'>{m.name}</th>" for m in METRICS)
+               + "<th>face detected</th><th>reference faces</th><th>missing</th></tr>")
     for name, task in result.tasks.items():
-        out.append(f"<tr><th><a href='#{esc(name)}'>{esc(name)}</a></th>{_cell(task.face)}{_cell(task.clip_img)}"
-                   f"{_cell(task.clip_text)}<td>{task.face_detection_rate:.0%}</td>"
+        out.append(f"<tr><th><a href='#{esc(name)}'>{esc(name)}</a></th>"
+                   + "".join(_cell(value) for value in task.means().values())
+                   + f"<td>{task.face_detection_rate:.0%}</td>"
                    f"<td>{task.reference_faces}/{len(task.references)}</td><td>{len(task.missing)}</td></tr>")
     out.append("</table>")
     return out
@@ -142,13 +143,13 @@ def _task_section(name: str, task: TaskResult, base: Path) -> list[str]:
         out.append("<p class='warn'>No face found in any reference photo: face score is 0 for this task.</p>")
     for prompt in task.prompts:
         note = f" <span class='warn'>({prompt.num_tokens} tokens, truncated to {MAX_LENGTH})</span>" if prompt.truncated else ""
-        out.append(f"<div class='prompt'><b>{prompt.index}</b>: {esc(prompt.prompt)}{note}<br>mean: face "
-                   f"{prompt.face:.3f} &middot; clip_img {prompt.clip_img:.3f} &middot; clip_text {prompt.clip_text:.3f}<br>")
+        means = " &middot; ".join(f"{metric} {value:.3f}" for metric, value in prompt.means().items())
+        out.append(f"<div class='prompt'><b>{prompt.index}</b>: {esc(prompt.prompt)}{note}<br>mean: {means}<br>")
         for image in prompt.images:
             if image.found:
                 picture = f"<img src='{_src(image.path, base)}'>"
-                face = f"face {image.face:.3f}" if image.face_found else "<span class='warn'>no face</span>"
-                caption = f"{face}<br>clip_img {image.clip_img:.3f}<br>clip_text {image.clip_text:.3f}"
+                caption = "<br>".join("<span class='warn'>no face</span>" if metric == "face" and not image.face_found
+                                      else f"{metric} {value:.3f}" for metric, value in image.scores.items())
             else:
                 picture = f"<div class='missing'>{esc(image.error or 'missing')}</div>"
                 caption = "all scores 0"

@@ -17,9 +17,11 @@ from libs.errors import UserError
 from libs.models.clip import CLIPTextEncoder
 from libs.precision import place_for_inference
 
-BLOCK_TARGETS = ("qkv", "proj", "fc1", "fc2", "skip_linear")
-BLOCK_TARGET_PATHS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "skip_linear": "skip_linear"}
+BLOCK_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "skip_linear": "skip_linear"}
+"""A per-block target name -> its module's path inside every transformer block."""
 TOP_LEVEL_TARGETS = ("text_embed", "clip_img_embed", "text_out", "clip_img_out", "decoder_pred", "patch_embed.proj")
+LORA_TARGETS = (*BLOCK_TARGETS, *TOP_LEVEL_TARGETS)
+"""Every name --lora_targets accepts."""
 DEFAULT_UVIT_TARGETS = ("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -32,10 +34,10 @@ def uvit_lora_modules(nnet: nn.Module, targets: Sequence[str] = DEFAULT_UVIT_TAR
     """Full module names for LoRA. Block-level names (`qkv`, `proj`, `fc1`, `fc2`, `skip_linear`) only hit
     the transformer blocks; the patch-embedding conv is targeted only when `patch_embed.proj` is asked
     for by name (the reference entry hit it by accident through the bare name `proj`)."""
-    unknown = sorted(set(targets) - set(BLOCK_TARGETS) - set(TOP_LEVEL_TARGETS))
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
     if unknown:
-        raise LoraTargetError(f"unknown LoRA target(s) {unknown}; choose from {BLOCK_TARGETS + TOP_LEVEL_TARGETS}")
-    block_paths = "|".join(re.escape(BLOCK_TARGET_PATHS[t]) for t in targets if t in BLOCK_TARGETS)
+        raise LoraTargetError(f"unknown LoRA target(s) {unknown}; choose from {LORA_TARGETS}")
+    block_paths = "|".join(re.escape(BLOCK_TARGETS[t]) for t in targets if t in BLOCK_TARGETS)
     top = [t for t in targets if t in TOP_LEVEL_TARGETS]
     patterns = [re.escape(t) for t in top]
     if block_paths:

@@ -20,8 +20,8 @@ from libs.grids import image_grid
 from libs.models.clip import MAX_LENGTH
 from libs.photos import image_is_complete
 from libs.prompts import image_name, rewrite_prompt
-from libs.sampling import T2IPipeline
-from libs.subjects import CLASS_WORDS
+from libs.sample.pipeline import T2IPipeline
+from libs.layout import CLASS_WORDS
 
 GRID_FILE = "grid.jpg"
 GRID_CELL = 160

@@ -1,5 +1,5 @@
-"""The personalization folder: what train.py writes to `model_output/<name>/` and sample.py puts back
-onto the base models.
+"""Our personalization format: what train.py writes to `model_output/<name>/` and sample.py puts back
+onto the base models (the file names are libs/train_output.py's).
 
     personalization.json            what was trained (token, init, LoRA settings, base hash, recipe)
     uvit_lora.safetensors           U-ViT LoRA weights (peft state dict, adapter name stripped)
@@ -7,54 +7,27 @@ onto the base models.
     text_encoder_lora.safetensors   only with text_encoder_mode "lora"
     text_encoder.safetensors        only with text_encoder_mode "full"
 
-`load_personalization` also accepts the reference entry's layout (libs/reference_entry.py).
+Our format: writing it (`save_personalization`), checking it (`read_meta`, `check_ours`) and applying it
+(`load_ours`); libs/personalization/reader.py picks between it and the reference entry's.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from libs.files import CheckpointError, load_safetensors, save_json, save_safetensors
-from libs.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
+from libs.config import KEY_CHOICES
+from libs.files import CheckpointError, load_json, load_safetensors, save_json, save_safetensors
+from libs.adapters.lora import LoraSpec, add_lora, load_lora_state, lora_state_dict, require_targets
 from libs.models.clip import CLIPTextEncoder
+from libs.personalization.folder import Personalization, add_token
+from libs.train_output import META_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 FORMAT = "unidiffuser-personalization"
 FORMAT_VERSION = 1
-META_FILE = "personalization.json"
-UVIT_LORA_FILE = "uvit_lora.safetensors"
-TOKEN_FILE = "token_embeddings.safetensors"
-TEXT_LORA_FILE = "text_encoder_lora.safetensors"
-TEXT_FULL_FILE = "text_encoder.safetensors"
-TEXT_ENCODER_MODES = ("frozen", "token", "lora", "full")
-
-
-@dataclass
-class Personalization:
-    """What `load_personalization` found and applied."""
-
-    kind: str  # "ours", "reference_entry" or "none"
-    path: Path
-    meta: dict[str, Any] = field(default_factory=dict)
-    modifier_token: str | None = None
-    class_word: str | None = None
-
-    def describe(self) -> str:
-        if self.kind == "none":
-            return "no personalization (--base_model): sampling the plain base model"
-        parts = [f"{self.kind} personalization from {self.path}"]
-        if self.modifier_token:
-            parts.append(f"token {self.modifier_token}")
-        if self.meta.get("uvit_lora"):
-            lora = self.meta["uvit_lora"]
-            parts.append(f"U-ViT LoRA r={lora['r']} alpha={lora['alpha']} on {len(lora['target_modules'])} modules")
-        if self.meta.get("text_encoder_mode") in ("lora", "full"):
-            parts.append(f"text encoder {self.meta['text_encoder_mode']}")
-        return ", ".join(parts)
+TEXT_ENCODER_MODES = KEY_CHOICES["train.text_encoder_mode"]
 
 
 def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.Module | None,
@@ -92,11 +65,9 @@ def save_personalization(out_dir: str | Path, meta: Mapping[str, Any], nnet: nn.
 
 def read_meta(restore_path: Path) -> dict[str, Any]:
     """personalization.json, checked against its schema so a damaged file is named, not a KeyError."""
-    path = restore_path / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot read {path}: {error}; retrain into this folder (train.py --overwrite)") from error
+    path = restore_path / META_FILE  # read by files.load_json like a checkpoint's state; the schema check is this file's
+    meta = load_json(path, lambda error: CheckpointError(f"cannot read {path}: {error}; retrain into this folder "
+                                                         "(train.py --overwrite)"))
     problems = meta_problems(meta)
     if problems:
         raise CheckpointError(f"{path} is damaged or not written by train.py: {'; '.join(problems)}; "
@@ -135,70 +106,20 @@ def meta_problems(meta: Any) -> list[str]:
     return problems
 
 
-class NotAPersonalization(CheckpointError):
-    """The restore folder holds no personalization (a typo'd path, or a run that never finished)."""
+def check_ours(restore_path: Path) -> None:
+    """A valid personalization.json and every file it lists, checked without models."""
+    meta = read_meta(restore_path)
+    needed = [TOKEN_FILE] if meta.get("modifier_token") else []
+    needed += [UVIT_LORA_FILE] if meta.get("uvit_lora") else []
+    needed += {"lora": [TEXT_LORA_FILE], "full": [TEXT_FULL_FILE]}.get(meta.get("text_encoder_mode", "frozen"), [])
+    absent = [name for name in needed if not (restore_path / name).is_file()]
+    if absent:
+        raise CheckpointError(f"{restore_path} is incomplete: {META_FILE} lists {', '.join(absent)}, which "
+                              "is missing; retrain into this folder (train.py --overwrite)")
 
 
-def folder_contents(restore_path: Path) -> str:
-    """What a folder without a personalization holds, in words, with what to do about it."""
-    from libs.train.checkpoints import list_checkpoints
-
-    checkpoints = list_checkpoints(restore_path)
-    if checkpoints:
-        step = int(checkpoints[-1].name.rsplit("-", 1)[-1])
-        return (f"an unfinished training run at step {step} (checkpoints, no {META_FILE}): resume it with "
-                f"`train.py -d <photos> -o {restore_path} --resume latest`")
-    entries = sorted(p.name for p in restore_path.iterdir() if not p.name.startswith("."))
-    if not entries:
-        return "nothing (an empty folder): is the path right? train.py -o writes the personalization there"
-    shown = ", ".join(entries[:6]) + (" ..." if len(entries) > 6 else "")
-    return f"no {META_FILE} and no reference-entry files (it holds: {shown})"
-
-
-def check_restore_path(restore_path: str | Path) -> None:
-    """Everything about a restore folder that can be checked without models: it holds a personalization
-    (ours with a valid personalization.json and its files, or the reference entry's), else the error says
-    what it holds. Lets a multi-run sampling session fail before it loads anything."""
-    restore_path = Path(restore_path)
-    if not restore_path.is_dir():
-        raise CheckpointError(f"restore path {restore_path} is not a folder; pass the -o folder of train.py")
-    if (restore_path / META_FILE).is_file():
-        meta = read_meta(restore_path)
-        needed = [TOKEN_FILE] if meta.get("modifier_token") else []
-        needed += [UVIT_LORA_FILE] if meta.get("uvit_lora") else []
-        needed += {"lora": [TEXT_LORA_FILE], "full": [TEXT_FULL_FILE]}.get(meta.get("text_encoder_mode", "frozen"), [])
-        absent = [name for name in needed if not (restore_path / name).is_file()]
-        if absent:
-            raise CheckpointError(f"{restore_path} is incomplete: {META_FILE} lists {', '.join(absent)}, which "
-                                  "is missing; retrain into this folder (train.py --overwrite)")
-        return
-    from libs.reference_entry import is_reference_entry
-
-    if not is_reference_entry(restore_path):
-        raise NotAPersonalization(f"{restore_path} holds {folder_contents(restore_path)}; "
-                                  "to sample the plain base model on purpose, pass --base_model")
-
-
-def load_personalization(restore_path: str | Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
-    """Apply the personalization stored in `restore_path` onto fresh base models (unmerged).
-
-    A folder without one is an error that says what the folder holds: sampling the plain base model by
-    accident would silently submit no identity at all."""
-    restore_path = Path(restore_path)
-    check_restore_path(restore_path)
-    if (restore_path / META_FILE).is_file():
-        return _load_ours(restore_path, nnet, text_encoder)
-    from libs.reference_entry import load_reference_entry
-
-    return load_reference_entry(restore_path, nnet, text_encoder)
-
-
-def base_model(label: str = "--base_model") -> Personalization:
-    """The deliberate absence of a personalization."""
-    return Personalization(kind="none", path=Path(label))
-
-
-def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
+def load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncoder) -> Personalization:
+    """Apply our format onto fresh base models (unmerged); `check_ours` has passed."""
     meta = read_meta(restore_path)
     token = meta.get("modifier_token")
     if token:
@@ -211,10 +132,7 @@ def _load_ours(restore_path: Path, nnet: nn.Module, text_encoder: CLIPTextEncode
                                   f"the text encoder needs [n, {text_encoder.hidden_size}]")
         if not torch.isfinite(vectors).all():
             raise CheckpointError(f"{restore_path / TOKEN_FILE}: the rows of {token} hold NaN or inf values")
-        try:
-            text_encoder.add_modifier_token(token, vectors, num_vectors=vectors.shape[0])
-        except ValueError as error:
-            raise CheckpointError(f"{restore_path / TOKEN_FILE}: cannot add token {token!r}: {error}") from error
+        add_token(text_encoder, token, vectors, restore_path / TOKEN_FILE)
     mode = meta.get("text_encoder_mode", "frozen")
     if mode == "lora":
         spec = LoraSpec.from_dict(meta["text_lora"])

@@ -1,5 +1,5 @@
 """Making class image sets for prior preservation: real CelebA faces, or images rendered by the base model.
-Both write the layout of libs/class_set.py; the command line is tools/class_images.py."""
+Both write the layout of libs/class_images/folder.py; the command line is tools/class_images.py."""
 from __future__ import annotations
 
 import csv
@@ -9,11 +9,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from libs.files import atomic_path, save_json
-from libs.class_set import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
+from libs.photos import image_is_complete
+from libs.class_images.folder import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
                              read_lines, write_class_set)
 
 DEFAULT_CAPTION = "a photo of a {}"
@@ -104,7 +104,7 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
         for name in order:
             if len(chosen) == n:
                 break
-            if not _decodes(image_dir / name):
+            if not image_is_complete(image_dir / name):
                 tqdm.write(f"skipping unreadable CelebA image {image_dir / name}")
                 continue
             _copy(image_dir / name, out_images / name)
@@ -118,15 +118,6 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
             "attribute": "Male", "value": want, "n": n, "seed": seed, "caption": text}
     write_class_set(class_dir, chosen, [text] * n, info)
     return load_class_set(class_dir)
-
-
-def _decodes(path: Path) -> bool:
-    try:
-        with Image.open(path) as image:
-            image.load()
-        return True
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
-        return False
 
 
 def _copy(source: Path, target: Path) -> None:
@@ -169,7 +160,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
 
     Resumable: images already on disk are kept, so an interrupted run continues where it stopped.
     A folder made with another prompt, seed or sampler setting is refused rather than mixed.
-    `pipeline` (a `libs.sampling.T2IPipeline`) lets several sets share one loaded model; without it the
+    `pipeline` (a `libs.sample.pipeline.T2IPipeline`) lets several sets share one loaded model; without it the
     base model is loaded here, and only if an image is missing.
     """
     class_dir = Path(class_dir)
@@ -181,7 +172,7 @@ def generate_class_images(config: Any, class_dir: str | Path, class_word: str, n
     if len(todo) < n:
         print(f"{class_dir}: {n - len(todo)} of {n} images already there, generating {len(todo)}")
     if todo and pipeline is None:
-        from libs.sampling import load_pipeline
+        from libs.sample.pipeline import load_pipeline
 
         pipeline = load_pipeline(config, device)
     with tqdm(total=len(todo), desc=f"generate {class_word}", unit="img") as progress:

@@ -23,21 +23,21 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from libs.config import latent_shape
+from libs.config import KEY_CHOICES, latent_shape
 from libs.diffusion import N_TRAIN_STEPS, keyed_generator
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.dpm_solver import dpm_solver_sample
-from libs.lora import merge_lora
+from libs.adapters.lora import merge_lora
 from libs.models.autoencoder import AutoencoderKL
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIPTextEncoder
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
-from libs.param_count import count_in_background
+from libs.adapters.param_count import count_in_background
 from libs.errors import UserError
 from libs.personalization import Personalization, base_model, load_personalization
 from libs.precision import autocast, inference_dtype
 
-CFG_MODES = ("true_uncond", "empty_token")
+CFG_MODES = KEY_CHOICES["sample.cfg_mode"]
 
 TextNoiseFn = Callable[[Tensor], Tensor]
 """`text_noise_fn(text) -> noise shaped like text`: the `true_uncond` text of one model call."""

@@ -5,7 +5,7 @@
     <class_dir>/caption.txt    the caption of the same line's image
     <class_dir>/class_set.json how the set was made
 
-Reading and writing the layout lives here; making a set (CelebA, generation) is libs/class_sources.py.
+Reading and writing the layout lives here; making a set (CelebA, generation) is libs/class_images/sources.py.
 """
 from __future__ import annotations
 

@@ -2,24 +2,31 @@
 summary dicts the graders read.
 
 Means go the 3 images of a prompt -> prompt, prompts -> task, tasks -> summary (every task weighs the
-same); a missing or unreadable image counts as 0 on all three metrics.
+same), for every metric of libs/score/metrics.py's table; a missing or unreadable image counts as 0 on
+every metric.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
 
+from libs.layout import ADVANCED, ADVANCED_SPLITS
 from libs.models.clip import MAX_LENGTH
-
-PRELIMINARY = "preliminary"
-ADVANCED = "advanced"
-SPLITS = (PRELIMINARY, ADVANCED)
-"""The competition's two evaluations, in the order score.py reports them (the graded advanced one last)."""
+from libs.score.metrics import BY_NAME, METRIC_NAMES, METRICS, mean
 
 
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return float(sum(values) / len(values)) if values else 0.0
+class MetricMeans:
+    """`.face`, `.clip_img`, `.clip_text` (every metric of the table) as the average over the level below,
+    the list in the attribute named by PARTS."""
+
+    PARTS = ""
+
+    def __getattr__(self, name: str) -> float:
+        if name in BY_NAME:
+            return BY_NAME[name].average(getattr(part, name) for part in getattr(self, self.PARTS))
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def means(self) -> dict[str, float]:
+        return {name: getattr(self, name) for name in METRIC_NAMES}
 
 
 @dataclass
@@ -29,39 +36,34 @@ class ImageScore:
     idx: int
     found: bool  # the file exists and could be read
     face_found: bool
-    face: float = 0.0
-    clip_img: float = 0.0
-    clip_text: float = 0.0
+    scores: dict[str, float] = field(default_factory=lambda: dict.fromkeys(METRIC_NAMES, 0.0))
     error: str | None = None  # why a missing/unreadable image scored 0
+
+    def __getattr__(self, name: str) -> float:
+        if name in BY_NAME:
+            return self.scores[name]
+        raise AttributeError(f"ImageScore has no attribute {name!r}")
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "prompt_index": self.prompt_index, "idx": self.idx, "found": self.found,
+                "face_found": self.face_found, **self.scores, "error": self.error}
 
 
 @dataclass
-class PromptScore:
+class PromptScore(MetricMeans):
     index: int
     prompt: str
     num_tokens: int  # CLIP tokens including start/end; > 77 means the prompt was truncated
     images: list[ImageScore]
+    PARTS = "images"
 
     @property
     def truncated(self) -> bool:
         return self.num_tokens > MAX_LENGTH
 
-    @property
-    def face(self) -> float:
-        return _mean(image.face for image in self.images)
-
-    @property
-    def clip_img(self) -> float:
-        return _mean(image.clip_img for image in self.images)
-
-    @property
-    def clip_text(self) -> float:
-        return _mean(image.clip_text for image in self.images)
-
     def to_dict(self) -> dict:
         return {"index": self.index, "prompt": self.prompt, "num_tokens": self.num_tokens, "truncated": self.truncated,
-                "face": self.face, "clip_img": self.clip_img, "clip_text": self.clip_text,
-                "images": [vars(image) for image in self.images]}
+                **self.means(), "images": [image.to_dict() for image in self.images]}
 
 
 @dataclass
@@ -71,24 +73,13 @@ class Reference:
 
 
 @dataclass
-class TaskResult:
+class TaskResult(MetricMeans):
     task: str
     ref_dir: str
     output_dir: str
     references: list[Reference]
     prompts: list[PromptScore]
-
-    @property
-    def face(self) -> float:
-        return _mean(prompt.face for prompt in self.prompts)
-
-    @property
-    def clip_img(self) -> float:
-        return _mean(prompt.clip_img for prompt in self.prompts)
-
-    @property
-    def clip_text(self) -> float:
-        return _mean(prompt.clip_text for prompt in self.prompts)
+    PARTS = "prompts"
 
     @property
     def images(self) -> list[ImageScore]:
@@ -102,7 +93,7 @@ class TaskResult:
     def face_detection_rate(self) -> float:
         """Share of the generated images that exist in which a face was found."""
         present = [image for image in self.images if image.found]
-        return _mean(1.0 if image.face_found else 0.0 for image in present)
+        return mean(1.0 if image.face_found else 0.0 for image in present)
 
     @property
     def reference_faces(self) -> int:
@@ -111,9 +102,7 @@ class TaskResult:
     def to_dict(self) -> dict:
         return {
             "task": self.task,
-            "face": self.face,
-            "clip_img": self.clip_img,
-            "clip_text": self.clip_text,
+            **self.means(),
             "face_detection_rate": self.face_detection_rate,
             "reference_faces": self.reference_faces,
             "missing": self.missing,
@@ -135,21 +124,20 @@ class ScoreResult:
 
     @property
     def preliminary(self) -> dict[str, float]:
-        """`{face, img_clip, text_clip}`: means over tasks of the task means."""
+        """`{face, img_clip, text_clip}`: means over tasks of the task means, keyed as the competition prints them."""
         tasks = list(self.tasks.values())
-        return {"face": _mean(t.face for t in tasks), "img_clip": _mean(t.clip_img for t in tasks),
-                "text_clip": _mean(t.clip_text for t in tasks)}
+        return {metric.preliminary_key: metric.average(getattr(t, metric.name) for t in tasks) for metric in METRICS
+                if metric.preliminary_key}
 
     @property
     def advanced(self) -> dict[str, float] | None:
-        """The five advanced numbers, each a mean over the subjects' `<name>_sim` / `<name>_edit` tasks."""
+        """The five advanced numbers (ADVANCED_KEYS), each a mean over the subjects' `<name>_sim` / `<name>_edit`
+        tasks."""
         if self.split != ADVANCED:
             return None
-        sim = [t for name, t in self.tasks.items() if name.endswith("_sim")]
-        edit = [t for name, t in self.tasks.items() if name.endswith("_edit")]
-        return {"sim_face": _mean(t.face for t in sim), "sim_clip_img": _mean(t.clip_img for t in sim),
-                "edit_face": _mean(t.face for t in edit), "edit_clip_img": _mean(t.clip_img for t in edit),
-                "edit_clip_text": _mean(t.clip_text for t in edit)}
+        by_split = {split: [t for name, t in self.tasks.items() if name.endswith(f"_{split}")] for split in ADVANCED_SPLITS}
+        return {f"{split}_{metric.name}": metric.average(getattr(t, metric.name) for t in by_split[split])
+                for split in ADVANCED_SPLITS for metric in METRICS if split in metric.advanced_splits}
 
     @property
     def summary(self) -> dict[str, float]:

@@ -1,9 +1,7 @@
-"""Which sampling runs exist in a competition-shaped folder: every prompt file paired with its subject's
-personalization and its output folder, so `./sample.sh` with no arguments renders whatever split is there.
-
-    eval_prompts/<name>.json                    -> outputs/<name>        (preliminary split)
-    eval_prompts_advance/<name>_{sim,edit}.json -> outputs/<name>_{sim,edit}  (advanced split, 8 runs)
-    personalization: model_output/<name>
+"""sample.py's recipe: which runs exist in a competition-shaped folder (every prompt file of
+libs/layout.py paired with its subject's personalization and output folder, so `./sample.sh` with no
+arguments renders whatever split is there), their inputs checked, then the base models loaded once and
+each personalization applied once for its runs.
 """
 from __future__ import annotations
 
@@ -21,15 +19,11 @@ from libs.errors import UserError
 from libs.locks import claimed_folder
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample_files import sample_prompts
-from libs.sampling import load_base, personalize
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.sample.files import sample_prompts
+from libs.sample.pipeline import load_base, personalize
+from libs.layout import ADVANCED, PRELIMINARY, PROMPT_ROOTS, SUBJECTS, split_tasks
 
-PRELIMINARY_PROMPTS = "eval_prompts"
-ADVANCED_PROMPTS = "eval_prompts_advance"
-MODEL_OUTPUT = "model_output"
-OUTPUTS = "outputs"
-SPLITS = ("auto", "preliminary", "advanced")
+SPLITS = ("auto", PRELIMINARY, ADVANCED)
 
 
 @dataclass(frozen=True)
@@ -39,17 +33,6 @@ class SampleRun:
     restore_path: Path | None
     prompt_path: Path
     output_path: Path
-
-
-def _candidates(root: Path, name: str, split: str) -> list[SampleRun]:
-    restore = root / MODEL_OUTPUT / name
-    runs = []
-    if split in ("auto", "preliminary"):
-        runs.append(SampleRun(restore, root / PRELIMINARY_PROMPTS / f"{name}.json", root / OUTPUTS / name))
-    if split in ("auto", "advanced"):
-        runs += [SampleRun(restore, root / ADVANCED_PROMPTS / f"{name}_{part}.json", root / OUTPUTS / f"{name}_{part}")
-                 for part in ADVANCED_SPLITS]
-    return runs
 
 
 def discover_runs(root: str | Path, split: str = "auto", subjects: Sequence[str] = SUBJECTS,
@@ -62,14 +45,16 @@ def discover_runs(root: str | Path, split: str = "auto", subjects: Sequence[str]
     if split not in SPLITS:
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     root = Path(root)
-    candidates = [run for name in subjects for run in _candidates(root, name, split)]
+    splits = (PRELIMINARY, ADVANCED) if split == "auto" else (split,)
+    candidates = [SampleRun(task.model_dir, task.prompt_file, task.output_dir)
+                  for name in subjects for part in splits for task in split_tasks(part, [name], root=root)]
     runs = [run for run in candidates if run.prompt_path.is_file()]
     if split != "auto" and len(runs) < len(candidates):
         missing = [str(run.prompt_path) for run in candidates if not run.prompt_path.is_file()]
         raise UserError(f"the {split} split needs {len(candidates)} prompt files; missing: {', '.join(missing)}")
     if not runs:
-        raise UserError(f"no prompt files found under {root}: looked for {PRELIMINARY_PROMPTS}/<name>.json and "
-                        f"{ADVANCED_PROMPTS}/<name>_{{sim,edit}}.json for {', '.join(subjects)}")
+        raise UserError(f"no prompt files found under {root}: looked for {PROMPT_ROOTS[PRELIMINARY]}/<name>.json and "
+                        f"{PROMPT_ROOTS[ADVANCED]}/<name>_{{sim,edit}}.json for {', '.join(subjects)}")
     if base_model:
         return [SampleRun(None, run.prompt_path, run.output_path) for run in runs]
     absent = sorted({str(run.restore_path) for run in runs if not run.restore_path.is_dir()})

@@ -1,16 +1,13 @@
 """The competition metric (spec §8) and the scoring run: the `Scorer` (face backend and CLIP ViT-B/32,
 loaded once) and which tasks a prompt folder and an outputs folder hold.
 
-Per generated image, against the subject's training photos ("refs"):
-
-* face      = max(0, max over refs-with-a-face of face similarity), 0 when the image has no face;
-* clip_img  = max(0, max over all refs of the CLIP ViT-B/32 image cosine);
-* clip_text = max(0, cosine between the image and its prompt), the prompt truncated to 77 tokens
-  (with a warning) instead of silently scoring 0.
+Per generated image, against the subject's training photos ("refs"), every metric of the table in
+libs/score/metrics.py (face, clip_img, clip_text) from the image's CLIP and face embeddings; a prompt
+over 77 CLIP tokens is truncated (with a warning) instead of silently scoring 0.
 
 Files and in-memory images go through one path (`Scorer.score_images` is what `score_task` runs on the
 decoded files), so the same pixels give the same numbers whether training or score.py scores them.
-The result types are in libs/score_results.py, the reports in libs/score_report.py.
+The result types are in libs/score/results.py, the reports in libs/score/report.py.
 """
 from __future__ import annotations
 
@@ -35,13 +32,14 @@ from libs.models.clip import MAX_LENGTH, clip_image_preprocess
 from libs.models.loading import image_encoder_source, quiet_transformers
 from libs.photos import PhotoError, list_images, open_image
 from libs.prompts import image_name, load_prompts
-from libs.score_report import write_reports
-from libs.score_results import ADVANCED, PRELIMINARY, SPLITS, ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.subjects import ADVANCED_SPLITS, SUBJECTS
+from libs.score.metrics import METRICS, ImageView
+from libs.score.report import write_reports
+from libs.score.results import ImageScore, PromptScore, Reference, ScoreResult, TaskResult
+from libs.layout import ADVANCED, ADVANCED_SPLITS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task, split_tasks
 
 IMAGES_PER_PROMPT = 3
-DEFAULT_PROMPT_ROOTS = {PRELIMINARY: "./eval_prompts/", ADVANCED: "./eval_prompts_advance/"}
-"""Where each split's prompt files live (spec §2); score.py with no --prompts looks in both."""
+DEFAULT_PROMPT_ROOTS = {split: f"./{folder}/" for split, folder in PROMPT_ROOTS.items()}
+"""score.py with no --prompts looks in both splits' folders (libs/layout.py)."""
 
 
 class ScoringError(UserError):
@@ -158,13 +156,12 @@ class Scorer:
 
     # -- scoring --
 
-    def face_score(self, image: Image.Image, refs: ReferenceSet) -> tuple[bool, float]:
-        """(face found, max(0, max over reference faces of the similarity of the image's first face))."""
+    def face_similarities(self, image: Image.Image, refs: ReferenceSet) -> tuple[bool, np.ndarray]:
+        """(face found, the similarity of the image's first face to each reference face)."""
         embedding = self.face.embed_first(np.asarray(image))
         if embedding is None:
-            return False, 0.0
-        best = max((self.face.similarity(embedding, ref) for ref in refs.face_embeddings), default=0.0)
-        return True, max(0.0, float(best))
+            return False, np.zeros(0)
+        return True, np.asarray([float(self.face.similarity(embedding, ref)) for ref in refs.face_embeddings])
 
     def score_images(self, ref_dir: str | Path, prompt: str, images: Sequence[Image.Image], index: int = 0) -> PromptScore:
         """Score in-memory images for one prompt, no files involved (e.g. ranking checkpoints while training).
@@ -208,7 +205,7 @@ class Scorer:
         """Every task of a planned run, in its order."""
         result = ScoreResult(run.split, self.face.name, self.face.comparable_with_competition)
         for spec in run.tasks:
-            result.tasks[spec.task] = self.score_task(spec.ref_dir, spec.prompt_file, spec.output_dir, spec.task)
+            result.tasks[spec.name] = self.score_task(spec.photo_dir, spec.prompt_file, spec.output_dir, spec.name)
         return result
 
     def _score_prompt(self, refs: ReferenceSet, index: int, prompt: str,
@@ -221,23 +218,14 @@ class Scorer:
                 scored.append(ImageScore(name, index, idx, found=False, face_found=False, error=image))
                 continue
             image = image.convert("RGB")
-            face_found, face = self.face_score(image, refs)
-            features = self.image_features([image])[0]
-            clip_img = max(0.0, float((refs.clip @ features).max()))
-            clip_text = max(0.0, float(features @ text))
-            scored.append(ImageScore(name, index, idx, True, face_found, face, clip_img, clip_text))
+            face_found, similarities = self.face_similarities(image, refs)
+            view = ImageView(self.image_features([image])[0], text, refs.clip, similarities)
+            scored.append(ImageScore(name, index, idx, True, face_found,
+                                     {metric.name: metric.per_image(view) for metric in METRICS}))
         return PromptScore(index, prompt, self.count_tokens(prompt), scored)
 
 
 # --- runs: which tasks to score ------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TaskSpec:
-    task: str
-    ref_dir: Path
-    prompt_file: Path
-    output_dir: Path
-
 
 @dataclass
 class ScoringRun:
@@ -245,15 +233,7 @@ class ScoringRun:
 
     split: str
     prompts_dir: Path
-    tasks: list[TaskSpec]
-
-
-def _task_specs(dataset: Path, prompts_dir: Path, outputs: Path, tasks: Sequence[str], split: str) -> list[TaskSpec]:
-    specs = []
-    for subject in tasks:
-        names = [f"{subject}_{s}" for s in ADVANCED_SPLITS] if split == ADVANCED else [subject]
-        specs += [TaskSpec(name, dataset / subject, prompts_dir / f"{name}.json", outputs / name) for name in names]
-    return specs
+    tasks: list[Task]
 
 
 def detect_split(prompts_dir: str | Path, tasks: Sequence[str]) -> str:
@@ -267,13 +247,13 @@ def detect_split(prompts_dir: str | Path, tasks: Sequence[str]) -> str:
 
 
 def plan_tasks(dataset: str | Path, prompts_dir: str | Path, outputs: str | Path, tasks: Sequence[str],
-               split: str) -> list[TaskSpec]:
+               split: str) -> list[Task]:
     """Every task to score, checked up front: one error lists every missing folder and file."""
     if not tasks:
         raise ScoringError("no tasks to score")
-    specs = _task_specs(Path(dataset), Path(prompts_dir), Path(outputs), tasks, split)
-    problems = [f"reference photo folder not found: {ref_dir}"
-                for ref_dir in dict.fromkeys(spec.ref_dir for spec in specs) if not ref_dir.is_dir()]
+    specs = split_tasks(split, tasks, prompts_dir, outputs, dataset)
+    problems = [f"reference photo folder not found: {photo_dir}"
+                for photo_dir in dict.fromkeys(spec.photo_dir for spec in specs) if not photo_dir.is_dir()]
     for spec in specs:
         if not spec.prompt_file.is_file():
             problems.append(f"prompt file not found: {spec.prompt_file}")
@@ -308,7 +288,7 @@ def detect_runs(dataset: str | Path, prompt_roots: Mapping[str, str | Path], out
     runs, partial, looked = [], [], []
     for split in (s for s in SPLITS if s in prompt_roots):
         root = Path(prompt_roots[split])
-        specs = _task_specs(Path(dataset), root, outputs, tasks, split)
+        specs = split_tasks(split, tasks, root, outputs, dataset)
         missing = [] if root.is_dir() else [f"{root}/ (no such folder)"]
         missing += [str(s.prompt_file) for s in specs if root.is_dir() and not s.prompt_file.is_file()]
         missing += [f"{s.output_dir}/" for s in specs if not s.output_dir.is_dir()]

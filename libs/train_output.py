@@ -1,0 +1,115 @@
+"""train.py's output folder (`-o`, the competition's `model_output/<name>/`): every file and folder name
+in it, its preparation and cleanup, and the listings other modules read.
+
+    personalization.json             what was trained (libs/personalization/ours.py writes and reads it)
+    uvit_lora.safetensors            U-ViT LoRA weights
+    token_embeddings.safetensors     {"<new1>": [num_vectors, 768]}
+    text_encoder_lora.safetensors    only with text_encoder_mode "lora"
+    text_encoder.safetensors         only with text_encoder_mode "full"
+    train_config.json                the full config, photos (with sha256), versions, command line
+    logs/train_log.jsonl             one line per logged step (loss terms, learning rates, eval losses)
+    logs/tensorboard/                the same scalars and the validation grids, when tensorboard is installed
+    checkpoints/checkpoint-000300/   trainable.safetensors, optimizer.pt, training_state.json (resumable)
+    validation/step-000100.jpg       the validation grids
+    validation/step-000100/          the validation images in the competition layout
+    validation/prompts/              their prompt files
+    validation/curves.png            the scores against the step
+    candidates/step-*.safetensors    the best validated step's tensors until the run ends
+    auto_recipe/                     --auto_recipe's candidate runs and table.csv
+
+It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into
+this folder (an unfinished run's checkpoints) and must not import the training package.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+META_FILE = "personalization.json"
+UVIT_LORA_FILE = "uvit_lora.safetensors"
+TOKEN_FILE = "token_embeddings.safetensors"
+TEXT_LORA_FILE = "text_encoder_lora.safetensors"
+TEXT_FULL_FILE = "text_encoder.safetensors"
+RUN_FILE = "train_config.json"
+OUTPUT_FILES = (META_FILE, UVIT_LORA_FILE, TOKEN_FILE, TEXT_LORA_FILE, TEXT_FULL_FILE, RUN_FILE)
+LOG_DIR = "logs"
+LOG_FILE = "train_log.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_STATE = "training_state.json"
+CHECKPOINT_WEIGHTS = "trainable.safetensors"
+CHECKPOINT_OPTIMIZER = "optimizer.pt"
+VALIDATION_DIR = "validation"
+PROMPTS_DIR = "prompts"
+CURVES_FILE = "curves.png"
+CANDIDATE_DIR = "candidates"
+AUTO_DIR = "auto_recipe"
+TABLE_FILE = "table.csv"
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step a checkpoint folder holds, from its name."""
+    return int(checkpoint.name[len(CHECKPOINT_PREFIX):])
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (they are renamed into place only when fully written), oldest first."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / CHECKPOINT_STATE).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+def remove_checkpoints(out_dir: Path) -> None:
+    """Delete our checkpoint folders (and the checkpoints folder when that leaves it empty)."""
+    folder = out_dir / CHECKPOINT_DIR
+    for checkpoint in list_checkpoints(out_dir) + list(folder.glob(f".{CHECKPOINT_PREFIX}*.tmp")):
+        shutil.rmtree(checkpoint)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def validation_step_dir(out_dir: Path, step: int) -> Path:
+    """`validation/step-<step>/`: a step's validation images in the competition layout."""
+    return Path(out_dir) / VALIDATION_DIR / f"step-{step:06d}"
+
+
+def validation_grid(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / VALIDATION_DIR / f"step-{step:06d}.jpg"
+
+
+def candidate_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / CANDIDATE_DIR / f"step-{step:06d}.safetensors"
+
+
+def candidate_files(out_dir: Path) -> list[Path]:
+    folder = Path(out_dir) / CANDIDATE_DIR
+    return sorted(folder.glob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def candidate_step(path: Path) -> int:
+    return int(path.stem.split("-")[1])
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    """Create the folder; with --overwrite first remove what an earlier run wrote there (by name, nothing else)."""
+    if overwrite and out.is_dir():
+        for name in OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+        (out / LOG_DIR / LOG_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / LOG_DIR / TENSORBOARD_DIR, ignore_errors=True)
+        validation = out / VALIDATION_DIR
+        for old in [*validation.glob("step-*"), validation / PROMPTS_DIR, out / CANDIDATE_DIR]:
+            if old.is_dir():
+                shutil.rmtree(old)
+            elif old.exists():
+                old.unlink()
+        (validation / CURVES_FILE).unlink(missing_ok=True)
+        remove_checkpoints(out)
+    out.mkdir(parents=True, exist_ok=True)
