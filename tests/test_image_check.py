@@ -17,6 +17,7 @@ import pytest
 
 from libs.config import REPO_ROOT
 from libs.errors import UserError
+from libs.locks import FolderLock
 from tools.image_root.checks import (DEV_ONLY_MODULES, RUNTIME_MODULES, check_runtime, gui_links, import_problems,
                                      run_probe)
 from tools.image_root.dockerfile import DockerIgnore, context_files, parse_dockerfile
@@ -73,6 +74,9 @@ def test_the_dockerfile_is_replayed_step_by_step(tmp_path):
     assert [target for _, target in plan] == ["/workspace/requirements.txt", "/workspace/requirements-nodeps.txt"]
     (tmp_path / "Dockerfile").write_text("FROM x\nRUN a \\\n  && b\nARG X=1\n")
     with pytest.raises(UserError, match=r"Dockerfile:4: ARG is not replayed"):
+        parse_dockerfile(tmp_path / "Dockerfile")
+    (tmp_path / "Dockerfile").write_text("FROM x\nENV PATH=/opt/x:$PATH\n")
+    with pytest.raises(UserError, match=r"Dockerfile:2: ENV with a \$variable is not replayed"):
         parse_dockerfile(tmp_path / "Dockerfile")
 
 
@@ -171,7 +175,9 @@ needs_root = pytest.mark.skipif(bool(host_problems()), reason="the clean-root im
 def image(tmp_path_factory):
     from tools.image_root.check import replay_image
 
-    return replay_image(REPO_ROOT, tmp_path_factory.mktemp("image_check"), CACHE_DIR, TORCH_SPEC)
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    with FolderLock(CACHE_DIR, "tests/test_image_check.py"):  # as tools/image_check.py holds it
+        yield replay_image(REPO_ROOT, tmp_path_factory.mktemp("image_check"), CACHE_DIR, TORCH_SPEC)
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from libs.errors import UserError
+from libs.locks import FolderLock
 from tools.image_root.checks import RUNTIME_MODULES, check_runtime
 from tools.image_root.dockerfile import INERT, context_files, parse_dockerfile
 from tools.image_root.flow import FlowResult, run_grader_flow, tiny_submission
@@ -57,11 +58,14 @@ def replay_image(project: Path, work: Path, cache: Path, torch_spec: str,
 
 def check_image(project: Path, work: Path, cache: Path, torch_spec: str,
                 log: Callable[[str], None] = print) -> FlowResult:
-    """Every check; raises ImageCheckFailed listing all problems, else returns the organizers' flow result."""
-    image = replay_image(project, work, cache, torch_spec, log)
-    problems = check_runtime(image.root, image.files, log)
-    log("flow: the organizers' commands in /workspace, offline, with only their mounts")
-    flow = run_grader_flow(image.root, image.mounts, work)
+    """Every check; raises ImageCheckFailed listing all problems, else returns the organizers' flow result.
+    The cache is held for the whole check: another check would build into it or delete the root in use."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with FolderLock(cache, "tools/image_check.py"):
+        image = replay_image(project, work, cache, torch_spec, log)
+        problems = check_runtime(image.root, image.files, log)
+        log("flow: the organizers' commands in /workspace, offline, with only their mounts")
+        flow = run_grader_flow(image.root, image.mounts, work)
     problems += flow.problems()
     if problems:
         raise ImageCheckFailed("the submission image would fail in its bare base:\n  " + "\n  ".join(problems))

@@ -45,6 +45,9 @@ def parse_dockerfile(path: Path) -> list[Instruction]:
         if keyword not in REPLAYED | INERT:
             raise UserError(f"{path}:{start}: {keyword} is not replayed by the image check; "
                             f"use {', '.join(sorted(REPLAYED))} (or teach tools/image_root/dockerfile.py)")
+        if keyword in ("ENV", "WORKDIR", "COPY") and "$" in argument:
+            raise UserError(f"{path}:{start}: {keyword} with a $variable is not replayed by the image check "
+                            "(Docker would expand it): write the value out")
         instructions.append(Instruction(keyword, argument.strip(), start))
     if pending:
         raise UserError(f"{path}:{start}: the last instruction ends with a line continuation")

@@ -256,11 +256,15 @@ def _build(final: Path, log: Callable[[str], None], make: Callable[[Path], None]
     shutil.rmtree(partial, ignore_errors=True)
     make(partial)
     kind = final.name.split("-")[0]
-    for old in final.parent.glob(f"{kind}-*"):  # one of each kind at a time: each is one or a few GB
-        if old != partial:
-            shutil.rmtree(old, ignore_errors=True)
+    stale = [old for old in final.parent.glob(f"{kind}-*") if old != partial]
+    for number, old in enumerate(stale):  # one of each kind at a time: each is one or a few GB
+        os.replace(old, old.with_name(f".deleting-{kind}-{os.getpid()}-{number}"))
     os.replace(partial, final)
     log(f"clean root: cached {final}")
+    # deleting a few GB can take minutes (a disk mounted with `discard`): done in the background, and again by
+    # the next build if this one was interrupted
+    subprocess.Popen(["rm", "-rf", *map(str, final.parent.glob(".deleting-*"))], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def _make_base(partial: Path, torch_spec: str, cache: Path, log: Callable[[str], None]) -> None:
@@ -308,6 +312,7 @@ def build_layer(instructions: list[Instruction], context: Path, files: list[str]
             log(f"clean root: Dockerfile line {instruction.line}: {instruction}")
             root.replay(instruction, context, files, binds=binds, env=env)
         if warm:
+            log(f"clean root: importing {len(warm)} modules once (their compile caches become part of the layer)")
             root.run(f"python -c {shlex.quote('import ' + ', '.join(warm))}", capture=True)
         _remove_mount_points(partial, binds, existing)
 
