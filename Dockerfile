@@ -26,5 +26,9 @@ COPY build/submission/models/ /opt/unidiffuser/models/
 COPY . .
 RUN chmod +x train.sh sample.sh
 
+# sampling settings the no-argument ./sample.sh adds (make submission --candidates N sets best-of-N here)
+ARG SAMPLE_ARGS=""
+ENV UNIDIFFUSER_SAMPLE_ARGS="${SAMPLE_ARGS}"
+
 VOLUME ["/workspace/models"]
 CMD ["bash"]

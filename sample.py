@@ -2,6 +2,7 @@
 
     python sample.py --restore_path model_output/boy1 --prompt_path eval_prompts/boy1.json --output_path outputs/boy1
     python sample.py --all [--advanced | --preliminary]      # what ./sample.sh runs: every prompt file there is
+    python sample.py --all --candidates 4                    # best-of-N: keep the 3 best of 12 by the metric
 
 Writes `{prompt_index}-{idx:03}.jpg` and `grid.jpg` into each output folder and prints exactly one
 `finetuned parameters: <int>` line per prompt file (spec §7). With `--all` the base models are loaded
@@ -21,6 +22,7 @@ from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_confi
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
+from libs.sample.rerank import build_reranker
 from libs.sample.runs import SampleRun, check_runs, discover_runs, render_runs
 from libs.sample.pipeline import resolve_device
 
@@ -93,8 +95,9 @@ def main(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else
     runs = plan_runs(args)
+    reranker = build_reranker(config, runs, device, all_runs=args.all)  # None without --candidates N > 1
     render_runs(config, device, runs, skip_existing=args.skip_existing, rewrite=not args.no_prompt_rewrite,
-                announce=args.all)
+                announce=args.all, reranker=reranker)
     if args.all:
         print(f"sample.py: all {len(runs)} run(s) finished")
 

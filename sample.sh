@@ -5,6 +5,8 @@
 # for boy1 boy2 girl1 girl2, whichever prompt files exist (the organizers run it with no arguments).
 #   ./sample.sh [--advanced | --preliminary] [extra sample.py args, e.g. --skip_existing --steps 50]
 # Each prompt file prints exactly one `finetuned parameters: <int>` line. Inputs are all checked first.
+# $UNIDIFFUSER_SAMPLE_ARGS goes before the arguments: the submission image bakes its settings there
+# (e.g. best-of-N: "--candidates 4", set by `make submission ARGS="--candidates 4"`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -13,4 +15,5 @@ PYTHON=python
 if [ -z "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && [ -x .venv/bin/python ]; then
     PYTHON=.venv/bin/python
 fi
-exec "$PYTHON" sample.py --all "$@"
+read -ra baked <<< "${UNIDIFFUSER_SAMPLE_ARGS:-}"
+exec "$PYTHON" sample.py --all ${baked[@]+"${baked[@]}"} "$@"

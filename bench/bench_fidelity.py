@@ -29,6 +29,7 @@ from torch import nn
 from bench.common import (DTYPES, autocast, bench_config, common_parser, fmt_float, fmt_str, interleaved_runs,
                           print_table, size_summary, start, timing_fields, uvit_inputs, write_result)
 from libs.adapters.lora import LoraSpec, add_lora, merge_lora, uvit_lora_modules
+from libs.errors import run_cli
 from libs.models.loading import build_uvit
 from libs.sample.pipeline import weight_sharing_copy
 
@@ -128,4 +129,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -43,6 +43,7 @@ from bench.common import (Measured, bench_config, common_parser, fmt_float, fmt_
                           size_summary, start, timing_fields, write_random_checkpoints, write_result)
 from libs.class_images.folder import IMAGES_DIR, write_class_set
 from libs.config import REPO_ROOT
+from libs.errors import run_cli
 
 BENCH = "bench_flow"
 SUBJECT, CLASS_WORD = "boy1", "boy"
@@ -221,4 +222,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

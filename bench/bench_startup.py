@@ -37,6 +37,7 @@ from bench.common import (Measured, bench_config, common_parser, fmt_float, fmt_
                           size_summary, start, timing_fields, write_personalization, write_random_checkpoints,
                           write_result)
 from libs.config import REPO_ROOT
+from libs.errors import run_cli
 
 BENCH = "bench_startup"
 PROBE = Path(__file__).with_name("startup_probe.py")
@@ -162,4 +163,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

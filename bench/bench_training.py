@@ -47,6 +47,7 @@ from PIL import Image
 from bench.common import (DTYPES, Measured, bench_config, common_parser, fmt_float, fmt_str, gib,
                           interleaved_runs, median, peak_memory, print_table, random_checkpoints, size_summary, start,
                           timing_fields, uvit_forward_flops, write_result)
+from libs.errors import run_cli
 from libs.precision import autocast as training_autocast
 from libs.prompts import fill_prompt
 from libs.train import (BatchMaker, Models, Plan, TrainData, TrainImage, build_data, build_models, loss_terms,
@@ -339,4 +340,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

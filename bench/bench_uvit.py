@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from bench.common import (DTYPES, autocast, bench_config, common_parser, fmt_float, fmt_str, gib,
                           interleaved_runs, median, print_table, size_summary, start,
                           timing_fields, uvit_forward_flops, uvit_inputs, write_result)
+from libs.errors import run_cli
 from libs.models.loading import build_uvit
 from libs.models.uvit import ATTENTION_MODES, UViT
 
@@ -132,4 +133,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -35,6 +35,7 @@ from bench.bench_training import CLASS_WORD, DEFAULT, TOKEN, TrainStep, syntheti
 from bench.common import (bench_config, common_parser, fmt_float, fmt_str, gib, interleaved_runs, median, print_table,
                           random_checkpoints, size_summary, start, timing_fields, write_result, write_scorer_clip)
 from libs.config import DEFAULT_CONFIG, load_config
+from libs.errors import run_cli
 from libs.prompts import fill_prompt
 from libs.train import MetricScorer, Plan, RunLog, Selection, build_data, build_models
 from libs.train.validation import Validation
@@ -144,4 +145,4 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -37,9 +37,9 @@ from libs.config import REPO_ROOT, latent_shape, load_config
 from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.loading import CAPTION_DECODER_PREFIX as CAPTION_PREFIX
 from libs.models.loading import quiet_transformers
-from libs.tiny_world import write_base_models
+from libs.outputs import check_output_folder, only
 from libs.precision import autocast  # noqa: F401 - re-exported for the bench scripts
-from libs.tiny_world import write_clip_tokenizer
+from libs.tiny_world import write_base_models, write_clip_tokenizer
 
 SIZES = ("tiny", "small", "full")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -386,7 +386,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 
 def start(args: argparse.Namespace) -> torch.device:
-    """Apply the common flags (threads) and return the device to run on."""
+    """Check --results-dir (libs.outputs), apply the common flags (threads) and return the device to run on."""
+    check_output_folder(args.results_dir, "--results-dir", only("*.jsonl"))
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)

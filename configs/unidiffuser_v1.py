@@ -74,6 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
         cfg_mode="true_uncond",  # the unconditional pass: true_uncond (official: noise text at t=1000) or empty_token
         n_samples=3,  # images per prompt (the competition grades exactly 3)
         batch_size=3,  # images denoised together, across prompts (cond + uncond share one forward)
+        # best-of-N (libs/rerank.py): render candidates x n_samples images per prompt, keep the n_samples best by
+        # the competition metric of the run's split; 1 = off, bitwise the plain images
+        candidates=1,  # best-of-N: candidates rendered per kept image; N > 1 keeps the n_samples best of n_samples x N
+        rerank_weights=(1.0, 1.0, 1.0),  # best-of-N objective weights of face, clip_img, clip_text (clip_text only where judged: *_edit and preliminary files)
+        rerank_face_backend="insightface",  # best-of-N face model: insightface (buffalo_l, the competition's) or dlib (offline, not the competition's)
+        keep_candidates=False,  # best-of-N: also write every candidate to <output>/candidates/ and their scores to candidates.json
+        reference_dir="",  # best-of-N references of a single run; "" = the photo folder train.py recorded (--all: train_data/<name>/)
     )
 
     # --- personalization training (train.py) ---

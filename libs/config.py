@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -23,7 +24,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 DEFAULT_CONFIG = "unidiffuser_v1"
 # config keys that hold file-system paths ("" = not set); hub ids (`*_hub`) are not paths
 PATH_KEYS = ("paths.nnet", "paths.autoencoder", "paths.caption_decoder", "paths.clip_text", "paths.clip_img",
-             "train.class_data_dir", "train.cache_dir")
+             "train.class_data_dir", "train.cache_dir", "sample.reference_dir")
 LATENT_FACTOR = 8  # the VAE's pixels per latent cell
 EXTRA_MODELS_ENV = "UNIDIFFUSER_EXTRA_MODELS"
 """A folder of the models that are not UniDiffuser's own files (the CLIP folders, insightface/): the
@@ -73,6 +74,8 @@ KEY_RANGES: dict[str, Range] = {
     "sample.scale": Range(),
     "sample.n_samples": AT_LEAST_ONE,
     "sample.batch_size": AT_LEAST_ONE,
+    "sample.candidates": AT_LEAST_ONE,
+    "sample.rerank_weights": NON_NEGATIVE,
     "train.num_vectors": AT_LEAST_ONE,
     "train.min_image_side": AT_LEAST_ONE,
     "train.num_class_images": NON_NEGATIVE,
@@ -109,6 +112,7 @@ KEY_CHOICES: dict[str, tuple[str, ...]] = {
     # every string key with a fixed set of values; the modules that implement them read their list here,
     # the flags offer exactly these, and training checks them before anything is written
     "sample.cfg_mode": ("true_uncond", "empty_token"),
+    "sample.rerank_face_backend": ("insightface", "dlib"),
     "train.text_encoder_mode": ("frozen", "token", "lora", "full"),
     "train.lr_scheduler": ("constant", "cosine", "linear"),
     "train.crop": ("face", "center"),
@@ -146,11 +150,55 @@ def load_config(name_or_path: str | Path = DEFAULT_CONFIG) -> ml_collections.Con
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    config = module.get_config()
+    try:
+        config = module.get_config()
+    except TypeError as error:  # ml_collections refusing a value of another type than the key's default
+        field = re.search(r"field '([^']+)'", str(error))
+        if field is None:
+            raise
+        raise ConfigError(f"config {path}: the key {field[1]!r} got a value of the wrong type ({error}); "
+                          f"see configs/{DEFAULT_CONFIG}.py for what it holds") from None
+    if path != config_path(DEFAULT_CONFIG):
+        problems = type_problems(config, load_config(DEFAULT_CONFIG))
+        if problems:
+            raise ConfigError(f"config {path}: " + "; ".join(problems) + f" (see configs/{DEFAULT_CONFIG}.py)")
     for dotted in PATH_KEYS:
         if _has(config, dotted):
             _set(config, dotted, resolve_path(get_key(config, dotted), REPO_ROOT))
     return config
+
+
+def type_problems(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict,
+                  prefix: str = "") -> list[str]:
+    """Keys of `config` whose value is not of the kind the default config holds there (a number, a string,
+    true/false, a list of strings...), one readable line each; a config built from scratch is checked too."""
+    problems = []
+    for key, expected in reference.items():
+        if key not in config:
+            continue
+        value, dotted = config[key], f"{prefix}{key}"
+        if isinstance(expected, ml_collections.ConfigDict):
+            if isinstance(value, ml_collections.ConfigDict):
+                problems += type_problems(value, expected, f"{dotted}.")
+            continue
+        kind = _kind(expected)
+        if isinstance(value, (list, tuple)) and not value and kind in ("a list", "a list of strings"):
+            continue
+        if kind is not None and value is not None and _kind(value) != kind:
+            problems.append(f"{dotted} must be {kind}, got {value!r}")
+    return problems
+
+
+def _kind(value: Any) -> str | None:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "a list of strings" if all(isinstance(item, str) for item in value) else "a list"
+    return None
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:

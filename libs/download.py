@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from libs.files import CheckpointError, DOWNLOAD_HINT
 from libs.config import REPO_ROOT, extra_models_dir
+from libs.outputs import check_output_folder
 
 UNIDIFFUSER_REPO = "thu-ml/unidiffuser-v1"
 # files of the Hugging Face model folders that transformers needs (no TF/Flax/.bin duplicates)
@@ -111,6 +112,7 @@ def download_weights(config, only: Sequence[str] | None = None,
         if item.present:
             log(f"present   {item.path}")
             continue
+        check_output_folder(item.path.parent, f"the folder of {item.path.name} (config paths.{item.key})")
         if not item.repo_id:
             raise CheckpointError(f"{item.path} is missing and config {config.name!r} names no hub repository for it")
         source = f"{item.repo_id}/{item.filename}" if item.filename else item.repo_id

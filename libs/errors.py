@@ -2,7 +2,8 @@
 
 A `UserError` is something the person running the command can fix (a missing file, a bad flag, a
 folder in the way): it is printed as one `error: <message>` line on stderr and the process exits 2,
-without a traceback. A full disk is treated the same way wherever it strikes. Anything else is a bug
+without a traceback. A full disk is treated the same way wherever it strikes. A run stopped by SIGTERM or
+SIGINT (`Interrupted`) says how to continue and exits 128 + the signal's number. Anything else is a bug
 and keeps its traceback.
 """
 from __future__ import annotations
@@ -22,6 +23,14 @@ class UserError(Exception):
     """Bad input or a broken environment, with a message that says what, which file and how to fix it."""
 
 
+class Interrupted(Exception):
+    """A run stopped on a signal (libs.stopping) after keeping what resuming needs; the message says how."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 def run_cli(main: Callable[[], T]) -> T:
     """Run an entry point; a `UserError` (or Ctrl-C) becomes a message and an exit status, not a traceback."""
     try:
@@ -36,6 +45,9 @@ def run_cli(main: Callable[[], T]) -> T:
               "same command again: sampling continues with --skip_existing, training with --resume latest",
               file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR) from None
+    except Interrupted as stop:
+        print(f"stopped: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None

@@ -7,7 +7,6 @@ A folder the run created is removed again when the run fails before writing anyt
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from types import TracebackType
 from typing import Iterator
 
 from libs.errors import UserError
+from libs.outputs import Ours, check_output_folder
 
 LOCK_FILE = ".lock"
 
@@ -105,35 +105,30 @@ class FolderLock:
         self.release()
 
 
-def make_folder(folder: Path, what: str) -> list[Path]:
-    """Create `folder` (and missing parents); returns the folders it created, outermost first.
-
-    A parent that is a file, a read-only place or a full disk is a UserError naming the path."""
+def make_folder(folder: Path, what: str, ours: Ours | None = None) -> list[Path]:
+    """Create `folder` (and missing parents) after libs.outputs' check; returns the folders it created,
+    outermost first."""
+    check_output_folder(folder, what, ours)
     missing = []
     for candidate in [folder, *folder.parents]:
         if candidate.exists():
             break
         missing.append(candidate)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{what} {folder} is a file, not a folder: pick another path")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
-        if blocker is not None or error.errno == errno.ENOTDIR:
-            raise UserError(f"cannot create {what} {folder}: {blocker or 'a parent'} is a file, not a folder") from None
+    except OSError as error:  # changed since the check
         raise UserError(f"cannot create {what} {folder}: {error.strerror or error}; pick a folder you can write to") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{what} {folder} is not writable: pick a folder you can write to")
     return list(reversed(missing))
 
 
 @contextmanager
-def claimed_folder(folder: str | Path, owner: str, what: str = "output folder") -> Iterator[Path]:
-    """Create and lock `folder` for the block. If the block fails and the folder was created here and holds
-    nothing else, it is removed again (with the parents created for it)."""
+def claimed_folder(folder: str | Path, owner: str, what: str = "output folder",
+                   ours: Ours | None = None) -> Iterator[Path]:
+    """Create and lock `folder` for the block (an existing one only when `ours` recognizes it, libs.outputs).
+    If the block fails and the folder was created here and holds nothing else, it is removed again (with the
+    parents created for it)."""
     folder = Path(folder)
-    created = make_folder(folder, what)
+    created = make_folder(folder, what, ours)
     lock = FolderLock(folder, owner)
     try:
         lock.acquire()

@@ -21,11 +21,15 @@ from libs.config import REPO_ROOT
 from libs.download import local_model_folder
 from libs.errors import UserError
 from libs.face import INSIGHTFACE_MODEL, insightface_model_dir, insightface_models_present
+from libs.outputs import OutputPathError, check_output_folder
 from libs.personalization import check_restore_path
 from libs.layout import ADVANCED, MODEL_OUTPUT, PROMPT_ROOTS, SUBJECTS, TRAIN_DATA, model_dir
 
 STAGE_DIR = Path("build") / "submission" / "models"
 GRADER_MOUNTS = (PROMPT_ROOTS[ADVANCED], TRAIN_DATA, "models")
+SAMPLE_ARGS_ENV = "UNIDIFFUSER_SAMPLE_ARGS"
+"""sample.sh puts this variable's words before its own arguments: the image bakes the chosen sampling settings
+(e.g. best-of-N's `--candidates 4`) there, so the organizers' no-argument `./sample.sh` runs with them."""
 
 
 def grader_command(sample_args: str = "", score_args: str = "") -> str:
@@ -47,13 +51,20 @@ class SubmissionPlan:
     tag: str
     subjects: dict[str, Path]
     models: list[tuple[Path, Path]] = field(default_factory=list)  # (local source, staged target)
+    candidates: int = 1  # best-of-N in the image's sample.sh (1 = off)
+
+    @property
+    def sample_args(self) -> str:
+        """What the image's sample.sh adds to `sample.py --all` (the SAMPLE_ARGS build argument)."""
+        return f"--candidates {self.candidates}" if self.candidates > 1 else ""
 
     @property
     def archive(self) -> Path:
         return self.root / f"{self.name}_submit.tar.gz"
 
     def build_command(self) -> list[str]:
-        return ["docker", "build", "-t", self.tag, str(self.root)]
+        extra = ["--build-arg", f"SAMPLE_ARGS={self.sample_args}"] if self.sample_args else []
+        return ["docker", "build", "-t", self.tag, *extra, str(self.root)]
 
     def run_line(self) -> str:
         """The organizers' grading, tried locally: their mounts, no network, no arguments."""
@@ -66,6 +77,11 @@ class SubmissionPlan:
         lines += [f"  {MODEL_OUTPUT}/{name}: {path}" for name, path in self.subjects.items()]
         lines += [f"  {target.relative_to(self.root)} <- {source} "
                   f"({sum(p.stat().st_size for p in model_files(source)) / 2**20:.0f} MiB)" for source, target in self.models]
+        lines.append(f"  sample.sh in the image ({SAMPLE_ARGS_ENV}={self.sample_args!r}): sample.py --all "
+                     f"{self.sample_args}".rstrip()
+                     + (f" (best-of-{self.candidates}: about {self.candidates}x the denoising and decoding time, plus "
+                        "scoring every candidate with insightface buffalo_l and CLIP ViT-B/32)" if self.sample_args
+                        else ""))
         lines += [f"  build: {' '.join(map(shlex.quote, self.build_command()))}",
                   f"  save:  docker save {self.tag} | gzip > {self.archive}",
                   f"  try it: {self.run_line()}"]
@@ -81,9 +97,14 @@ def _local_model_folder(local: str, what: str, problems: list[str]) -> Path | No
 
 
 def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_root: str | Path,
-                    root: Path = REPO_ROOT, tag: str | None = None) -> SubmissionPlan:
-    """Check every input (the four trained subjects, the local model copies); one error lists all problems."""
+                    root: Path | None = None, tag: str | None = None, candidates: int = 1) -> SubmissionPlan:
+    """Check every input (the four trained subjects, the local model copies, the build and archive folders);
+    one error lists all problems. `root`: the project (default: this repository). `candidates` > 1 bakes
+    best-of-N into the image's sample.sh (it ranks with the baked insightface pack)."""
+    root = REPO_ROOT if root is None else root
     problems: list[str] = []
+    if candidates < 1:
+        problems.append(f"--candidates must be >= 1, got {candidates}")
     subjects = {}
     for subject in SUBJECTS:
         folder = model_dir(subject, root)
@@ -104,9 +125,14 @@ def plan_submission(config: ml_collections.ConfigDict, name: str, insightface_ro
                         "insightface fetch it once: see `python score.py --help`)")
     else:
         models.append((pack, stage / "insightface" / "models" / INSIGHTFACE_MODEL))
+    for folder, what in ((stage, "build folder"), (root, "archive folder")):
+        try:
+            check_output_folder(folder, what)
+        except OutputPathError as error:
+            problems.append(str(error))
     if problems:
         raise UserError("the submission is not ready:\n  " + "\n  ".join(problems))
-    return SubmissionPlan(root, name, tag or f"{name.lower()}:submit", subjects, models)
+    return SubmissionPlan(root, name, tag or f"{name.lower()}:submit", subjects, models, candidates)
 
 
 def model_files(folder: Path) -> list[Path]:

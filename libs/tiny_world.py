@@ -15,6 +15,7 @@ import shutil
 from typing import Callable
 from pathlib import Path
 
+import ml_collections
 import torch
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -24,6 +25,7 @@ from libs.models.caption_decoder import CaptionDecoderPrefix
 from libs.models.clip import CLIP_MEAN, CLIP_STD
 from libs.models.loading import autoencoder_ldm_state, build_autoencoder
 from libs.models.uvit import UViT
+from libs.outputs import check_output_folder, only
 
 MARKER = "tiny_world.json"
 SEED = 0
@@ -136,11 +138,23 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     fingerprint = json.loads(json.dumps(fingerprint, default=list))
     if not force and marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return folder
+    written = [Path(config.paths[key]).name for key in ("nnet", "autoencoder", "caption_decoder", "clip_text", "clip_img")]
+    check_output_folder(folder, "tiny world folder (--out)", only(*written, MARKER))
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    torch.manual_seed(SEED)
+    try:
+        _write_world(config, folder)
+        marker.write_text(json.dumps(fingerprint, indent=1))
+    except BaseException:  # a full disk, an interruption: no half-written world left behind
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
+
+
+def _write_world(config: ml_collections.ConfigDict, folder: Path) -> None:
+    torch.manual_seed(SEED)
     write_base_models(config, folder, lambda: caption_decoder_state(config))
 
     tiny = config.tiny_clip
@@ -148,5 +162,3 @@ def build_tiny_world(config_name: str = "tiny", out: str | Path | None = None, f
     write_clip_tokenizer(text_folder)
     write_clip_model(text_folder, _clip_config(**tiny.to_dict()), text_folder)
     write_clip_model(folder / Path(config.paths.clip_img).name, _clip_config(**tiny.to_dict()), text_folder)
-    marker.write_text(json.dumps(fingerprint, indent=1))
-    return folder

@@ -15,7 +15,7 @@ in it, its preparation and cleanup, and the listings other modules read.
     validation/prompts/              their prompt files
     validation/curves.png            the scores against the step
     candidates/step-*.safetensors    the best validated step's tensors until the run ends
-    auto_recipe/                     --auto_recipe's candidate runs and table.csv
+    auto_recipe/                     --auto_recipe's candidate runs, table.csv and failed.json (diverged recipes)
 
 It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into
 this folder (an unfinished run's checkpoints) and must not import the training package.
@@ -46,6 +46,10 @@ CURVES_FILE = "curves.png"
 CANDIDATE_DIR = "candidates"
 AUTO_DIR = "auto_recipe"
 TABLE_FILE = "table.csv"
+FAILED_FILE = "failed.json"  # in auto_recipe/: the recipes that diverged, with why (never retrained on resume)
+# everything a run writes at the top of -o: an existing folder holding anything else is not a run's, and
+# train.py refuses it (libs/outputs.py)
+OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR)
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:

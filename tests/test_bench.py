@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import bench_fidelity, bench_flow, bench_sampling, bench_startup, bench_training, bench_uvit, bench_validation
+from bench import (bench_fidelity, bench_flow, bench_rerank, bench_sampling, bench_startup, bench_training, bench_uvit,
+                   bench_validation)
 from bench.common import RESULT_FIELDS, bench_config, counted_flops, uvit_forward_flops, uvit_inputs
 from libs.models.uvit import UViT
 
@@ -89,6 +90,17 @@ def test_startup_and_flow_benches_write_complete_lines(tmp_path: Path) -> None:
     assert train["steps"] == bench_config("tiny").train.train_step and 0 < train["overhead_s"] < train["median_s"]
     assert sample["images"] == 2 * 3 and 0 < sample["startup_s"] < sample["median_s"]
     assert flow["median_s"] == pytest.approx(flow["train_s"] + flow["sample_s"])
+
+
+@pytest.mark.slow
+def test_rerank_bench_writes_complete_lines(tmp_path: Path) -> None:
+    bench_rerank.main(COMMON + ["--results-dir", str(tmp_path), "--candidates", "1", "2", "--prompts", "1",
+                                "--face_backend", "dlib", "--steps", "2"])
+    lines = read_lines(tmp_path, "bench_rerank")
+    check_lines(lines, "bench_rerank", ("denoise_s", "decode_s", "score_s", "factor_score", "gain"))
+    assert [line["candidates"] for line in lines] == [1, 2] and lines[0]["factor_denoise"] == 1
+    assert lines[0]["gain"] == 0 and lines[1]["gain"] >= 0  # the best 3 of 6 are at least as good as the first 3
+    assert lines[1]["kept_objective"] >= lines[1]["first_objective"] == lines[0]["first_objective"]
 
 
 def test_fidelity_guard_at_small_size(tmp_path: Path) -> None:

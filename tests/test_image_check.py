@@ -20,9 +20,10 @@ from libs.errors import UserError
 from libs.locks import FolderLock
 from tools.image_root.checks import (DEV_ONLY_MODULES, RUNTIME_MODULES, check_runtime, gui_links, import_problems,
                                      run_probe)
-from tools.image_root.dockerfile import DockerIgnore, context_files, parse_dockerfile
+from tools.image_root.dockerfile import DockerIgnore, Instruction, context_files, parse_dockerfile
 from tools.image_root.probe import missing_library
-from tools.image_root.root import CACHE_DIR, copy_plan, dependency_steps, host_problems, install_sources, layer_key
+from tools.image_root.root import (CACHE_DIR, Root, copy_plan, dependency_steps, host_problems, install_sources,
+                                   layer_key)
 
 TORCH_SPEC = re.search(r"^TORCH_SPEC \?= (.+)$", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE).group(1)
 
@@ -72,12 +73,17 @@ def test_the_dockerfile_is_replayed_step_by_step(tmp_path):
     copy = next(i for i in cached if i.keyword == "COPY")
     plan = copy_plan(copy, REPO_ROOT, context_files(REPO_ROOT), "/workspace")
     assert [target for _, target in plan] == ["/workspace/requirements.txt", "/workspace/requirements-nodeps.txt"]
-    (tmp_path / "Dockerfile").write_text("FROM x\nRUN a \\\n  && b\nARG X=1\n")
-    with pytest.raises(UserError, match=r"Dockerfile:4: ARG is not replayed"):
+    (tmp_path / "Dockerfile").write_text("FROM x\nRUN a \\\n  && b\nADD x y\n")
+    with pytest.raises(UserError, match=r"Dockerfile:4: ADD is not replayed"):
         parse_dockerfile(tmp_path / "Dockerfile")
-    (tmp_path / "Dockerfile").write_text("FROM x\nENV PATH=/opt/x:$PATH\n")
-    with pytest.raises(UserError, match=r"Dockerfile:2: ENV with a \$variable is not replayed"):
+    (tmp_path / "Dockerfile").write_text("FROM x\nENV P=${Q:-1}\n")
+    with pytest.raises(UserError, match=r"Dockerfile:2: ENV uses a \$\{VAR:...\} form"):
         parse_dockerfile(tmp_path / "Dockerfile")
+    root = Root(tmp_path)
+    for line in ('ARG SAMPLE_ARGS=""', 'ARG B="--x 1"', 'ENV A="${SAMPLE_ARGS}" C=$B/c', "WORKDIR /w", "WORKDIR $C"):
+        keyword, _, argument = line.partition(" ")
+        root.replay_state(Instruction(keyword, argument, 1))
+    assert root.env["A"] == "" and root.env["C"] == "--x 1/c" and root.workdir == "/w/--x 1/c"
 
 
 def test_the_cached_root_follows_what_the_install_reads(tmp_path):

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
-from libs.tiny_submission import (tiny_world_config, write_grader_config, write_grader_mounts, write_subjects,
-                                  write_tiny_insightface_pack)
+from libs.submission import SAMPLE_ARGS_ENV
+from libs.tiny_submission import (synthetic_face, tiny_world_config, write_grader_config, write_grader_mounts,
+                                  write_subjects, write_tiny_insightface_pack)
 
 NETWORK_BLOCKER = '''import os, socket
 
@@ -115,6 +117,12 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
         assert f'-v "$PWD/{mount}:/workspace/{mount}"' in done.stdout
     assert "--network none" in done.stdout and "/workspace/sample.sh > /workspace/results.log 2>&1" in done.stdout
     assert not (root / "build").exists()  # a dry run copies nothing
+    best_of = run_tool(tmp_path, [tool, "--dry-run", "--name", "team", "--config", config, "--insightface_root", pack,
+                                  "--candidates", "4"])
+    assert best_of.returncode == 0, best_of.stderr
+    assert f"docker build -t team:submit --build-arg 'SAMPLE_ARGS=--candidates 4' {root}" in best_of.stdout
+    assert "sample.py --all --candidates 4 (best-of-4" in best_of.stdout
+    assert f"ENV {SAMPLE_ARGS_ENV}=" in (REPO_ROOT / "Dockerfile").read_text() and SAMPLE_ARGS_ENV in best_of.stdout
 
     staged = run_tool(tmp_path, [tool, "--stage-only", "--config", config, "--insightface_root", pack])
     assert staged.returncode == 0, staged.stderr
@@ -133,16 +141,22 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
 
 
 @pytest.mark.slow
-def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_photos):
+@pytest.mark.parametrize("candidates", [1, 2])
+def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_photos, candidates):
     """tools/grade_like_organizer.sh: only the mounts, hub off, every network call refused, then the sum of the
-    `finetuned parameters` lines and the score dict."""
+    `finetuned parameters` lines and the score dict. With --candidates 2 the no-argument sample.sh runs best-of-2
+    as the image bakes it, ranking with the baked insightface pack (a tiny one) against train_data/<name>/."""
     root = project_copy(tmp_path / "project", trained)
-    mounts = write_grader_mounts(tiny_world, tmp_path / "mounts", [public_photos["astronaut"], public_photos["grace_hopper"]])
+    photos = [public_photos["astronaut"], public_photos["grace_hopper"],
+              Image.fromarray(synthetic_face("left"))]  # the last: the face the tiny insightface pack finds
+    mounts = write_grader_mounts(tiny_world, tmp_path / "mounts", photos)
     models, prompts = mounts / "models", mounts / "eval_prompts_advance"
     extra = tmp_path / "baked"
     extra.mkdir()
     for name in ("clip-vit-large-patch14", "clip-vit-base-patch32"):
         (extra / name).symlink_to(tiny_world / name)
+    if candidates > 1:
+        write_tiny_insightface_pack(extra / "insightface")
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(NETWORK_BLOCKER)
@@ -152,7 +166,7 @@ def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_
         ["bash", str(root / "tools" / "grade_like_organizer.sh"), "--workdir", str(tmp_path / "grade"),
          "--models", str(models), "--train_data", str(mounts / "train_data"), "--prompts", str(prompts),
          "--extra_models", str(extra), "--sample_args", f"--config {config} --steps 2 --device cpu",
-         "--score_args", f"--config {config} --face_backend dlib --device cpu"],
+         "--score_args", f"--config {config} --face_backend dlib --device cpu", "--candidates", str(candidates)],
         capture_output=True, text=True, timeout=1800, cwd=tmp_path,
         env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(blocker),
              "NETWORK_ATTEMPTS": str(attempts)})
@@ -160,7 +174,7 @@ def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, trained, public_
     assert not attempts.exists(), attempts.read_text()
     log = (tmp_path / "grade" / "workspace" / "results.log").read_text()
     lines = [int(v) for v in re.findall(r"^finetuned parameters: (\d+)$", log, re.MULTILINE)]
-    assert len(lines) == 8
+    assert len(lines) == 8 and log.count(f"best-of-{candidates} (") == (8 if candidates > 1 else 0)
     summary = re.search(r"finetuned parameters: (\d+) \(the sum of 8 ", done.stdout)
     assert summary and int(summary.group(1)) == sum(lines) > 0
     assert re.search(r"\{'sim_face': [0-9.]+, 'sim_clip_img': [0-9.]+, 'edit_face': [0-9.]+, "

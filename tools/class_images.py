@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from any fo
 from typing import Any, Sequence  # noqa: E402
 
 from libs.class_images.folder import IMAGES_DIR, ClassSetError  # noqa: E402
-from libs.class_images.sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, generate_class_images,  # noqa: E402
-                                import_celeba, missing_indices)
+from libs.class_images.sources import (DEFAULT_CAPTION, DEFAULT_COUNT, DEFAULT_OUT_DIR, check_class_output,  # noqa: E402
+                                       generate_class_images, import_celeba, missing_indices)
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config  # noqa: E402
 from libs.errors import run_cli  # noqa: E402
 from libs.flags import CONFIG_FLAG, add_config_flags, key_comments, overrides, selected_config  # noqa: E402
@@ -55,6 +55,7 @@ def main(args: argparse.Namespace) -> None:
     if args.num_images < 1:
         raise ClassSetError(f"--num_images must be at least 1, got {args.num_images}")
     out_dir = Path(args.out_dir)
+    check_class_output(out_dir, args.class_word)
     if args.command == "celeba":
         sets = {word: import_celeba(args.celeba_dir, out_dir / word, word, args.num_images, args.seed, args.caption)
                 for word in args.class_word}

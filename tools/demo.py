@@ -23,11 +23,13 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 
 from libs.config import REPO_ROOT  # noqa: E402
 from libs.errors import UserError, run_cli  # noqa: E402
+from libs.outputs import check_output_folder, only  # noqa: E402
 from libs.tiny_world import build_tiny_world  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets" / "demo"
 SUBJECT = "girl_demo"
 CLASS_WORD = "girl"
+DEMO_FOLDERS = ("train_data", "class_data", "eval_prompts", "train_data_crop", "model_output", "outputs")
 DEMO_PROMPTS = [
     "a photo of a girl",
     "a girl standing in the wild",
@@ -82,6 +84,7 @@ def run(step: str, args: Sequence[str]) -> None:
 def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict[str, Path]:
     """Every step of the real flow on the tiny world; returns where the artefacts are."""
     workdir = workdir.resolve()
+    check_output_folder(workdir, "demo folder (--workdir)", only(*DEMO_FOLDERS))
     print(f"tiny world: {build_tiny_world('tiny')}")
     data = prepare_demo_data(workdir)
     crops = workdir / "train_data_crop"

@@ -11,8 +11,10 @@
 #
 #   tools/grade_like_organizer.sh [--workdir grade_run] [--models models] [--train_data train_data]
 #       [--prompts eval_prompts_advance] [--extra_models build/submission/models]
-#       [--sample_args "--steps 20"] [--score_args "--face_backend dlib"]
+#       [--sample_args "--steps 20"] [--score_args "--face_backend dlib"] [--candidates N]
 # The two *_args options exist for trying it on the tiny world; the organizers pass no arguments.
+# --candidates N sets what `make submission --candidates N` bakes into the image ($UNIDIFFUSER_SAMPLE_ARGS,
+# read by the no-argument ./sample.sh); without it the variable is taken from this environment, as it is.
 set -euo pipefail
 project="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 workdir="$project/grade_run"
@@ -22,6 +24,7 @@ prompts="$project/eval_prompts_advance"
 extra_models="${UNIDIFFUSER_EXTRA_MODELS:-$project/build/submission/models}"
 sample_args=()
 score_args=()
+baked_sample_args="${UNIDIFFUSER_SAMPLE_ARGS:-}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --workdir) workdir="$2"; shift 2 ;;
@@ -31,7 +34,8 @@ while [ $# -gt 0 ]; do
         --extra_models) extra_models="$2"; shift 2 ;;
         --sample_args) read -ra sample_args <<< "$2"; shift 2 ;;
         --score_args) read -ra score_args <<< "$2"; shift 2 ;;
-        -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}"; exit 0 ;;
+        --candidates) baked_sample_args="--candidates $2"; shift 2 ;;
+        -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "grade_like_organizer.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -51,6 +55,9 @@ if [ -z "$PYTHON" ]; then
     else PYTHON=python; fi
 fi
 bin_dir="$(cd "$(dirname "$("$PYTHON" -c 'import sys; print(sys.executable)')")" && pwd)"
+# the shared output-path rule (libs/outputs.py): WORKDIR holds nothing but an earlier grading's workspace/
+PYTHONPATH="$project" "$PYTHON" -m libs.outputs "$workdir" --what "grading folder (--workdir)" --only workspace \
+    || exit 2
 
 # 1. the image's /workspace: tracked files and the trained model_output/
 workspace="$workdir/workspace"
@@ -76,6 +83,8 @@ ln -s "$(cd "$prompts" && pwd)" "$workspace/eval_prompts_advance"
 
 # 3. + 4. inside the "container"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNIDIFFUSER_EXTRA_MODELS="$(cd "$extra_models" && pwd)"
+export UNIDIFFUSER_SAMPLE_ARGS="$baked_sample_args"
+[ -z "$baked_sample_args" ] || echo "the image's sample.sh settings: $baked_sample_args"
 export VIRTUAL_ENV="$(dirname "$bin_dir")" PATH="$bin_dir:$PATH"
 cd "$workspace"
 started=$(date +%s)

@@ -2,6 +2,7 @@
 
     python tools/make_submission.py [--name myteam] [--insightface_root ~/.insightface]   (or: make submission)
     python tools/make_submission.py --dry-run          # check every input and print the plan; builds nothing
+    python tools/make_submission.py --candidates 4     # the image's ./sample.sh keeps the best 3 of 12 per prompt
 
 Checks that model_output/<name> holds a finished personalization for boy1 boy2 girl1 girl2 and that local
 copies of CLIP ViT-L/14, CLIP ViT-B/32 and insightface buffalo_l exist; stages those models into
@@ -28,6 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tag", default=None, help="image tag (default: <name>:submit)")
     parser.add_argument("--insightface_root", default=INSIGHTFACE_ROOT, help="folder holding models/buffalo_l/*.onnx")
     parser.add_argument("--config", default=DEFAULT_CONFIG, help="config whose paths name the local CLIP folders")
+    parser.add_argument("--candidates", type=int, default=1,
+                        help="best-of-N baked into the image: its no-argument ./sample.sh runs sample.py --all "
+                             "--candidates N (README 'Submitting'); 1 = plain sampling (default: %(default)s)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="check the inputs and print the plan; copy and build nothing")
@@ -37,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> None:
-    plan = plan_submission(load_config(args.config), args.name, args.insightface_root, tag=args.tag)
+    plan = plan_submission(load_config(args.config), args.name, args.insightface_root, tag=args.tag,
+                           candidates=args.candidates)
     print(plan.describe())
     if args.dry_run:
         print("dry run: nothing copied or built")

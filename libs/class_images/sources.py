@@ -7,14 +7,15 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from tqdm import tqdm
 
 from libs.files import atomic_path, save_json
+from libs.class_images.folder import (CAPTIONS, IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for,
+                                     load_class_set, read_lines, write_class_set)
+from libs.outputs import check_output_folder, each, only
 from libs.photos import image_is_complete
-from libs.class_images.folder import (IMAGES_DIR, IMAGES_LIST, INFO, ClassSetError, caption_for, load_class_set,
-                             read_lines, write_class_set)
 
 DEFAULT_CAPTION = "a photo of a {}"
 DEFAULT_COUNT = 200
@@ -118,6 +119,15 @@ def import_celeba(celeba_dir: str | Path, class_dir: str | Path, class_word: str
             "attribute": "Male", "value": want, "n": n, "seed": seed, "caption": text}
     write_class_set(class_dir, chosen, [text] * n, info)
     return load_class_set(class_dir)
+
+
+def check_class_output(out_dir: str | Path, class_words: Sequence[str]) -> None:
+    """Before any image is read or rendered: `out_dir` and each `out_dir/<word>` can take a class set, and hold
+    nothing but class sets (libs.outputs)."""
+    ours = only(IMAGES_DIR, IMAGES_LIST, CAPTIONS, INFO)
+    check_output_folder(out_dir, "class image folder (-o)", each(ours))
+    for word in class_words:
+        check_output_folder(Path(out_dir) / word, "class set folder", ours)
 
 
 def _copy(source: Path, target: Path) -> None:

@@ -18,8 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs.files import atomic_path, file_sha256
-from libs.photos import (IMAGE_EXTENSIONS, MASKS_FOLDER, PhotoError, is_image_file, open_image, read_crops_record,
-                         write_crops_record)
+from libs.outputs import check_output_folder, each, holding
+from libs.photos import (CROPS_FILE, IMAGE_EXTENSIONS, MASKS_FOLDER, PhotoError, is_image_file, open_image,
+                         read_crops_record, write_crops_record)
 from libs.preprocess.background import BackgroundRemover
 from libs.preprocess.geometry import box_in_crop, center_crop_box, face_crop_box, render_crop
 from libs.preprocess.settings import CropSettings, PreprocessError
@@ -245,6 +246,10 @@ def crop_dataset(input_root: str | Path, output_root: str | Path, settings: Crop
     for source, output in pairs:
         if source.resolve() == output.resolve():
             raise PreprocessError(f"output folder {output} is the photo folder itself; crops would replace the photos")
+    if pairs[0][1] != Path(output_root):
+        check_output_folder(output_root, "crop output folder (-o)", each(holding(CROPS_FILE)))
+    for _, output in pairs:
+        check_output_folder(output, "crop output folder", holding(CROPS_FILE))
     total = sum(len(_photos_and_others(source)[0]) for source, _ in pairs)
     tools = CropTools(settings)
     reports = []

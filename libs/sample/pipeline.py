@@ -134,6 +134,17 @@ class T2IPipeline:
                  callback: Callable[[int, float, Tensor], None] | None = None) -> list[Image.Image]:
         """One image per (prompt, generator), all denoised as one batch with the settings of `config.sample`
         (`steps` overrides its step count, e.g. for benchmarks)."""
+        return self.decode(self.denoise(prompts, generators, steps, callback))
+
+    @torch.no_grad()
+    def decode(self, z: Tensor) -> list[Image.Image]:
+        """Final latents -> images (apart from `denoise` so benchmarks can time the two)."""
+        return to_pil_images(self.autoencoder.decode(z.float(), slice_size=1))
+
+    @torch.no_grad()
+    def denoise(self, prompts: Sequence[str], generators: Sequence[torch.Generator], steps: int | None = None,
+                callback: Callable[[int, float, Tensor], None] | None = None) -> Tensor:
+        """The final latents [B, C, H, W] of `generate`'s images, before decoding."""
         if len(prompts) != len(generators):
             raise ValueError(f"{len(prompts)} prompts but {len(generators)} generators")
         sample = self.config.sample
@@ -149,7 +160,7 @@ class T2IPipeline:
             z, _ = t2i_sample(self.nnet, text, z_init.to(self.device), clip_img_init.to(self.device),
                               steps or sample.steps, sample.scale, sample.cfg_mode, self.config.data_type,
                               empty_text=self.empty_text, text_noise_fn=text_noise, callback=callback)
-        return to_pil_images(self.autoencoder.decode(z.float(), slice_size=1))
+        return z
 
     def generate_images(self, prompts: Sequence[str], seeds: Sequence[int], batch_size: int | None = None,
                         progress: bool = False) -> list[Image.Image]:

@@ -10,20 +10,29 @@ import itertools
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import ml_collections
 import torch
 
 from libs.errors import UserError
 from libs.locks import claimed_folder
+from libs.outputs import check_output_folder, only
 from libs.personalization import check_restore_path
 from libs.prompts import load_prompts
-from libs.sample.files import sample_prompts
+from libs.sample.files import OUTPUT_ENTRIES, sample_prompts
+from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE
 from libs.sample.pipeline import load_base, personalize
 from libs.layout import ADVANCED, PRELIMINARY, PROMPT_ROOTS, SUBJECTS, split_tasks
+from libs.stopping import StopSignals
+
+if TYPE_CHECKING:
+    from libs.sample.rerank import Reranker
 
 SPLITS = ("auto", PRELIMINARY, ADVANCED)
+OUTPUT_WHAT = "output folder (--output_path)"
+# what sample.py writes into an output folder: the images, the grid and best-of-N's kept candidates
+OURS = only(*OUTPUT_ENTRIES, CANDIDATES_DIR, CANDIDATES_FILE)
 
 
 @dataclass(frozen=True)
@@ -70,17 +79,20 @@ def check_runs(runs: Sequence[SampleRun]) -> None:
         load_prompts(run.prompt_path)
         if run.restore_path is not None:
             check_restore_path(run.restore_path)
-        if run.output_path.exists() and not run.output_path.is_dir():
-            raise UserError(f"output path {run.output_path} is a file, not a folder")
+        check_output_folder(run.output_path, OUTPUT_WHAT, OURS)
 
 
 def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: Sequence[SampleRun],
-                skip_existing: bool = False, rewrite: bool = True, announce: bool = False) -> None:
+                skip_existing: bool = False, rewrite: bool = True, announce: bool = False,
+                reranker: Reranker | None = None) -> None:
     """Render the runs in this process: every output folder claimed first, the base models loaded once, each
-    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file."""
-    with ExitStack() as folders:
+    personalization applied once for its consecutive runs; one `finetuned parameters` line per prompt file.
+    With a `reranker` (best-of-N, its scoring models loaded once for all runs) each run keeps its best candidates.
+    SIGTERM / SIGINT stop at once (libs.stopping): images are written whole or not at all, the locks released."""
+    hint = "only complete images were kept: run the same command with --skip_existing to make the rest"
+    with StopSignals(hint), ExitStack() as folders:
         for run in runs:
-            folders.enter_context(claimed_folder(run.output_path, "sample.py"))
+            folders.enter_context(claimed_folder(run.output_path, "sample.py", OUTPUT_WHAT, OURS))
         base = load_base(config, device)
         for restore_path, group in itertools.groupby(runs, key=lambda run: run.restore_path):
             pipeline = personalize(base, restore_path, count_parameters=True)
@@ -90,8 +102,12 @@ def render_runs(config: ml_collections.ConfigDict, device: torch.device, runs: S
                 print(pipeline.personalization.describe())
                 print(f"finetuned parameters: {pipeline.finetuned_parameters}", flush=True)
                 prompts = load_prompts(run.prompt_path)
-                made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
-                                      skip_existing=skip_existing, rewrite=rewrite)
+                if reranker is None:
+                    made = sample_prompts(pipeline, prompts, run.output_path, config.sample.n_samples, config.seed,
+                                          skip_existing=skip_existing, rewrite=rewrite)
+                else:
+                    made = reranker.sample(pipeline, prompts, run.prompt_path, run.output_path,
+                                           config.sample.n_samples, skip_existing=skip_existing, rewrite=rewrite)
                 print(f"wrote {made} image(s) for {len(prompts)} prompt(s) to {run.output_path}")
             del pipeline  # the next personalization starts from the base alone
             gc.collect()

@@ -16,6 +16,8 @@ from typing import Sequence
 from urllib.parse import quote
 
 from libs.files import atomic_path, save_json
+from libs.score.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, CandidateRecord, CandidatesFileError,
+                                   load_record)
 from libs.models.clip import MAX_LENGTH
 from libs.score.metrics import METRIC_NAMES, METRICS
 from libs.score.results import ScoreResult, TaskResult
@@ -95,7 +97,9 @@ td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#ee
 .refs img{height:128px;margin:2px;border:3px solid #6c6}.refs img.noface{border-color:#d44}
 .prompt{margin:1em 0;padding:.5em;border-top:1px solid #ccc}.gen{display:inline-block;margin:4px;vertical-align:top;font-size:.85em}
 .gen img{width:192px;height:192px;object-fit:cover;display:block}.missing{width:192px;height:192px;background:#fdd;
-display:flex;align-items:center;justify-content:center}.warn{color:#b40}"""
+display:flex;align-items:center;justify-content:center}.warn{color:#b40}
+.cands{margin-top:.3em}.cand{display:inline-block;margin:2px;font-size:.75em;vertical-align:top}
+.cand img{width:96px;height:96px;object-fit:cover;display:block;border:3px solid #ddd}.cand img.kept{border-color:#6c6}"""
 
 
 def render_html(results: Sequence[ScoreResult], base: str | Path) -> str:
@@ -141,6 +145,11 @@ def _task_section(name: str, task: TaskResult, base: Path) -> list[str]:
     out.append("</div>")
     if task.reference_faces == 0:
         out.append("<p class='warn'>No face found in any reference photo: face score is 0 for this task.</p>")
+    try:
+        record = load_record(task.output_dir)
+    except CandidatesFileError as error:
+        record = None
+        out.append(f"<p class='warn'>best-of-N candidates not shown: {esc(str(error))}</p>")
     for prompt in task.prompts:
         note = f" <span class='warn'>({prompt.num_tokens} tokens, truncated to {MAX_LENGTH})</span>" if prompt.truncated else ""
         means = " &middot; ".join(f"{metric} {value:.3f}" for metric, value in prompt.means().items())
@@ -154,5 +163,23 @@ def _task_section(name: str, task: TaskResult, base: Path) -> list[str]:
                 picture = f"<div class='missing'>{esc(image.error or 'missing')}</div>"
                 caption = "all scores 0"
             out.append(f"<div class='gen'>{picture}{esc(Path(image.path).name)}<br>{caption}</div>")
+        if record is not None:
+            out += _candidates(record, prompt.index, Path(task.output_dir), base)
         out.append("</div>")
+    return out
+
+
+def _candidates(record: CandidateRecord, index: int, output_dir: Path, base: Path) -> list[str]:
+    """The prompt's best-of-N candidates (from candidates.json) beside its kept images, best first; green = kept."""
+    entries = sorted(record.of_prompt(index), key=lambda c: (-c.objective, c.candidate))
+    if not entries:
+        return []
+    out = [f"<div class='cands'>best-of-{html.escape(str(record.settings.get('candidates', '?')))} candidates "
+           f"({html.escape(str(record.settings.get('objective', '')))}; {CANDIDATES_FILE}):<br>"]
+    for entry in entries:
+        css = " class='kept'" if entry.kept else ""
+        kept = f"kept as {html.escape(entry.kept_as)}" if entry.kept else "not kept"
+        out.append(f"<div class='cand'><img{css} src='{_src(output_dir / CANDIDATES_DIR / entry.file, base)}'>"
+                   f"{entry.file} &middot; {entry.objective:.3f}<br>{kept}</div>")
+    out.append("</div>")
     return out

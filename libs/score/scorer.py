@@ -169,7 +169,7 @@ class Scorer:
         The same code score.py runs on the decoded files: identical pixels give identical numbers (a JPEG
         file's pixels are not the pixels that were encoded, so compare with the decoded file)."""
         refs = self.references(ref_dir)
-        return self._score_prompt(refs, index, prompt, [(f"<image {idx}>", image) for idx, image in enumerate(images)])
+        return self.score_prompt(refs, index, prompt, [(f"<image {idx}>", image) for idx, image in enumerate(images)])
 
     def score_task(self, ref_dir: str | Path, prompts: Sequence[str] | str | Path, output_dir: str | Path,
                    task: str | None = None, images_per_prompt: int = IMAGES_PER_PROMPT) -> TaskResult:
@@ -187,7 +187,7 @@ class Scorer:
         bar = tqdm(total=len(prompts) * images_per_prompt, desc=f"scoring {task}", unit="img", disable=not self.progress)
         for index, prompt in enumerate(prompts):
             paths = [output_dir / image_name(index, idx) for idx in range(images_per_prompt)]
-            scored.append(self._score_prompt(refs, index, prompt, [(str(p), _read_generated(p)) for p in paths]))
+            scored.append(self.score_prompt(refs, index, prompt, [(str(p), _read_generated(p)) for p in paths]))
             if scored[-1].truncated:
                 shown = prompt if len(prompt) <= 80 else prompt[:77] + "..."
                 warnings.warn(f"{task} prompt {index} has {scored[-1].num_tokens} CLIP tokens (> {MAX_LENGTH}); "
@@ -208,18 +208,25 @@ class Scorer:
             result.tasks[spec.name] = self.score_task(spec.photo_dir, spec.prompt_file, spec.output_dir, spec.name)
         return result
 
-    def _score_prompt(self, refs: ReferenceSet, index: int, prompt: str,
-                      images: Sequence[tuple[str, Image.Image | str]]) -> PromptScore:
-        """One prompt's images, each given as (name, pixels or the reason it scores 0)."""
+    def score_prompt(self, refs: ReferenceSet, index: int, prompt: str,
+                     images: Sequence[tuple[str, Image.Image | str]], batch_size: int = 32) -> PromptScore:
+        """One prompt's images, each given as (name, pixels or the reason it scores 0): the one home of the
+        per-image metric (score.py's files, training's validation and best-of-N's candidates all come here).
+        The CLIP image features are computed `batch_size` images at a time."""
         text = self.text_features([prompt])[0]
+        found = [(idx, image.convert("RGB")) for idx, (_, image) in enumerate(images) if not isinstance(image, str)]
+        features = {}
+        for start in range(0, len(found), batch_size):
+            chunk = found[start:start + batch_size]
+            features.update(zip((idx for idx, _ in chunk), self.image_features([image for _, image in chunk])))
+        pixels = dict(found)
         scored = []
         for idx, (name, image) in enumerate(images):
             if isinstance(image, str):
                 scored.append(ImageScore(name, index, idx, found=False, face_found=False, error=image))
                 continue
-            image = image.convert("RGB")
-            face_found, similarities = self.face_similarities(image, refs)
-            view = ImageView(self.image_features([image])[0], text, refs.clip, similarities)
+            face_found, similarities = self.face_similarities(pixels[idx], refs)
+            view = ImageView(features[idx], text, refs.clip, similarities)
             scored.append(ImageScore(name, index, idx, True, face_found,
                                      {metric.name: metric.per_image(view) for metric in METRICS}))
         return PromptScore(index, prompt, self.count_tokens(prompt), scored)

@@ -32,13 +32,15 @@ import ml_collections
 
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
-from libs.train.loop import StepCallback, claim_output, train
+from libs.stopping import StopSignals, resume_command
+from libs.train.loop import DivergedError, StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.plan import TrainingError, make_plan
 from libs.train.selection import METRICS
-from libs.train_output import AUTO_DIR, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE, prepare_output
+from libs.train_output import (AUTO_DIR, FAILED_FILE, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE,
+                               prepare_output)
 
-RUN, DUPLICATE, OVER_BUDGET = "trained", "duplicate", "over budget"
+RUN, DUPLICATE, OVER_BUDGET, FAILED = "trained", "duplicate", "over budget", "failed"
 
 
 @dataclass(frozen=True)
@@ -112,8 +114,10 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
                     on_step: StepCallback | None = None, score_fn: ScoreFn | None = None) -> list[dict[str, Any]] | None:
     """Train the candidates, write the table and the winner into `out_dir`; returns the table's rows (None
     when `out_dir` already held a finished personalization and `resume` was asked for). `out_dir` is this
-    search's alone while it runs (each recipe's folder is its training run's)."""
-    with claim_output(out_dir):
+    search's alone while it runs (each recipe's folder is its training run's). SIGTERM / SIGINT stop the recipe
+    in training as a single run stops (libs.stopping); a resumed search retrains no finished recipe."""
+    hint = f"finished recipes are kept; continue with: {resume_command()}"
+    with StopSignals(hint), claim_output(out_dir):
         return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
 
 
@@ -148,12 +152,26 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
             score_fn = MetricScorer(config, cfg.validation_face_backend, str(state.device))
     state.wait_for_everyone()
 
+    failures = read_failures(work)
+    for candidate in candidates:
+        if candidate.recipe.name in failures and candidate.status == RUN:
+            candidate.status = FAILED
+    table_rows(candidates, float(cfg.auto_param_penalty))  # every finished recipe's record checked before training
     todo = [c for c in candidates if c.status == RUN and not c.finished]
     for number, candidate in enumerate(todo, 1):
         changed = ", ".join(f"{k}={v}" for k, v in candidate.changes.items()) or "no changes"
         print(f"=== recipe {candidate.recipe.name} ({number}/{len(todo)} to train): {changed}; {candidate.steps} steps")
-        train(candidate.config, plan.data_dir, candidate.folder, resume="latest" if candidate.folder.exists() else None,
-              mixed_precision=mixed_precision, on_step=on_step, score_fn=score_fn)
+        try:
+            train(candidate.config, plan.data_dir, candidate.folder,
+                  resume="latest" if candidate.folder.exists() else None, mixed_precision=mixed_precision,
+                  on_step=on_step, score_fn=score_fn)
+        except DivergedError as error:  # recorded, and the search goes on with the other recipes
+            print(f"recipe {candidate.recipe.name} failed: {error}; the search continues without it")
+            candidate.status = FAILED
+            failures[candidate.recipe.name] = str(error)
+            if state.is_main_process:
+                save_json(failures, work / FAILED_FILE)
+            continue
         if state.is_main_process:
             _drop_losers(candidates, float(cfg.auto_param_penalty))
     rows = table_rows(candidates, float(cfg.auto_param_penalty))
@@ -163,6 +181,21 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
     return rows
 
 
+def read_failures(work: Path) -> dict[str, str]:
+    """The recipes an earlier run of this search saw diverge (auto_recipe/failed.json), checked before use."""
+    path = work / FAILED_FILE
+    if not path.exists():
+        return {}
+    try:
+        failures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        failures = None
+    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
+        raise TrainingError(f"{path} is damaged (not a JSON record of failed recipes): delete it to train those "
+                            "recipes again, or pass --overwrite to search again")
+    return failures
+
+
 def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, Any]]:
     """One row per candidate; finished ones with their best step, its scores, parameters and score."""
     rows = []
@@ -170,10 +203,7 @@ def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, An
         row: dict[str, Any] = {"recipe": candidate.recipe.name, "status": candidate.status,
                                "changes": json.dumps(candidate.changes), "train_step": candidate.steps}
         if candidate.status == RUN and candidate.finished:
-            meta = json.loads((candidate.folder / META_FILE).read_text())
-            chosen = meta["selection"]["chosen_step"]
-            scores = meta["selection"]["scores"].get(str(chosen), {})
-            parameters = int(meta["trainable_parameters"])
+            chosen, scores, parameters = _recipe_result(candidate.folder)
             row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")}, parameters=parameters,
                        penalty=penalty * parameters / 1e6)
             row["score"] = scores["objective"] - row["penalty"] if "objective" in scores else None
@@ -183,6 +213,22 @@ def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, An
     for row in rows:
         row["winner"] = row is best
     return rows
+
+
+def _recipe_result(folder: Path) -> tuple[int, dict[str, float], int]:
+    """A finished recipe's chosen step, that step's scores and its parameter count, from its personalization.json;
+    a damaged one is named, never trusted or silently retrained."""
+    path = folder / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        chosen = int(meta["selection"]["chosen_step"])
+        scores = meta["selection"]["scores"].get(str(chosen), {})
+        if not isinstance(scores, dict) or not isinstance(scores.get("objective", 0.0), (int, float)):
+            raise TypeError(f"the scores of step {chosen} are not a record of numbers")
+        return chosen, scores, int(meta["trainable_parameters"])
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise TrainingError(f"the recipe folder {folder} is damaged ({path}: {type(error).__name__} {error}): delete "
+                            f"{folder} to train that recipe again, or pass --overwrite to search again") from None
 
 
 def _drop_losers(candidates: list[Candidate], penalty: float) -> None:
@@ -205,7 +251,10 @@ def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list
         writer.writeheader()
         writer.writerows(rows)
     print("\n".join(_table_lines(rows)))
-    winner = next(c for c, row in zip(candidates, rows) if row["winner"])
+    winner = next((c for c, row in zip(candidates, rows) if row["winner"]), None)
+    if winner is None:
+        raise TrainingError(f"no recipe finished: {', '.join(f'{c.recipe.name} {c.status}' for c in candidates)} "
+                            f"(see {work / TABLE_FILE}); lower --lr or keep --max_grad_norm > 0, then --overwrite")
     try:
         check_restore_path(winner.folder)
     except CheckpointError as error:

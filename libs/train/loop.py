@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,9 +21,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from libs.errors import Interrupted
 from libs.locks import claimed_folder
+from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
+from libs.stopping import StopSignals, resume_command
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
 from libs.train.curves import plot_curves
@@ -37,8 +41,8 @@ from libs.train.records import personalization_meta, write_run_file
 from libs.train.summary import start_summary
 from libs.train.selection import Selection
 from libs.train.validation import Validation
-from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, VALIDATION_DIR, list_checkpoints, prepare_output,
-                               remove_checkpoints)
+from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR, list_checkpoints,
+                               prepare_output, remove_checkpoints)
 
 
 @dataclass
@@ -63,23 +67,26 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     naming this one). `on_step(step, logs)` is called after every optimizer step (e.g. to watch the loss);
     an exception it raises stops the run like an interruption would, leaving the last checkpoint to resume from.
     `score_fn` scores a validated step's images (default: libs.train.metrics.MetricScorer, the competition
-    metric); the step it rates best (by `objective`) is the one written.
+    metric); the step it rates best (by `objective`) is the one written. SIGTERM or SIGINT during the steps
+    finishes the step, writes a checkpoint and raises `Interrupted` (libs.stopping); a second one stops at once.
     """
-    with claim_output(out_dir):
-        return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
+    hint = f"the last complete checkpoint is kept; continue with: {resume_command()}"
+    with StopSignals(hint) as stop, claim_output(out_dir):
+        return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn, stop)
 
 
 def claim_output(out_dir: str | Path) -> ContextManager[Any]:
     """The output folder held by this run for its whole length (libs.locks): by rank 0 of a launched group,
     or a lone process. Read from the environment: accelerate is not set up yet, and setting it up here would
-    fix its state before the run's Accelerator chooses it."""
+    fix its state before the run's Accelerator chooses it. An existing folder holding anything but what a run
+    writes (OUTPUT_ENTRIES) is someone else's and refused."""
     main_process = int(os.environ.get("RANK", "0")) == 0
-    return claimed_folder(out_dir, "train.py") if main_process else nullcontext()
+    return claimed_folder(out_dir, "train.py", "output folder (-o)", only(*OUTPUT_ENTRIES)) if main_process else nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
            overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None,
-           score_fn: ScoreFn | None) -> TrainResult | None:
+           score_fn: ScoreFn | None, stop: StopSignals) -> TrainResult | None:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -154,6 +161,13 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     validation = Validation(plan, unwrapped, models.autoencoder, weight_dtype, data, run_log, accelerator,
                             score_fn, selection)
     checkpoints = CheckpointWriter()  # writes in a thread while the next steps run
+
+    def save_checkpoint(step: int) -> None:
+        checkpoints.save(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
+                         {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
+        selection.prune()  # keeps what the checkpoints on disk and the one being written refer to
+
+    stop.deferring = True
     try:
         if start_step == 0:
             validation(0)
@@ -179,21 +193,26 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 if not math.isfinite(logs["loss"]):
                     raise _diverged(plan, step, f"the loss became {logs['loss']}", checkpoints)
             validate_now = step == cfg.train_step or (cfg.validation_steps and step % cfg.validation_steps == 0)
-            checkpoint_now = step % cfg.checkpointing_steps == 0 or (step == cfg.train_step and cfg.keep_checkpoints)
+            # a stop signal (libs.stopping): this step is checkpointed like a periodic one, then the run stops
+            stopping = step < cfg.train_step and _stop_requested(stop, accelerator)
+            checkpoint_now = (step % cfg.checkpointing_steps == 0 or (step == cfg.train_step and cfg.keep_checkpoints)
+                              or stopping)
             if (checkpoint_now or validate_now) and not all(bool(torch.isfinite(p).all()) for p in params):
                 raise _diverged(plan, step, "the trained weights hold NaN or inf values", checkpoints)
             # validated before the checkpoint of the same step, so a checkpoint holds its step's scores
             if validate_now:
                 validation(step)
             if accelerator.is_main_process and checkpoint_now:
-                checkpoints.save(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
-                                 {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
-                selection.prune()  # keeps what the checkpoints on disk and the one being written refer to
+                save_checkpoint(step)
             if on_step is not None:
                 on_step(step, logs)
+            if stopping:
+                checkpoints.wait()
+                raise _stopped(plan, step, stop.requested or signal.SIGTERM)
         bar.close()
         checkpoints.wait()
     finally:
+        stop.deferring = False
         checkpoints.close()
         run_log.close()
 
@@ -217,13 +236,34 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files, record)
 
 
-def _diverged(plan: Plan, step: int, what: str, checkpoints: CheckpointWriter) -> TrainingError:
+def _stop_requested(stop: StopSignals, accelerator: Any) -> bool:
+    """Whether a stop signal arrived; with several processes, whether any got one (all stop after the same step)."""
+    requested = stop.requested is not None
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([float(requested)], device=accelerator.device)
+        requested = bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+    return requested
+
+
+def _stopped(plan: Plan, step: int, signum: int) -> Interrupted:
+    """The run stopped on a signal after writing its checkpoint: say where, and the command that continues."""
+    kept = list_checkpoints(plan.out_dir)
+    where = f"checkpoint {kept[-1]} written" if kept else "this process wrote no checkpoint (another one does)"
+    return Interrupted(f"{signal.Signals(signum).name} at step {step} of {plan.train.train_step}: {where}; continue "
+                       f"with: {resume_command()} (./train.sh continues interrupted subjects by itself)", signum)
+
+
+class DivergedError(TrainingError):
+    """The loss or the trained weights became NaN/inf: this recipe cannot be trained as set."""
+
+
+def _diverged(plan: Plan, step: int, what: str, checkpoints: CheckpointWriter) -> DivergedError:
     """Training cannot go on; say so, and which checkpoint is the last good one (nothing non-finite is saved)."""
     checkpoints.close()
     kept = list_checkpoints(plan.out_dir)
     last = (f"the last good checkpoint is {kept[-1]} (`--resume latest` retries from it with the same settings)"
             if kept else "no checkpoint was written before it")
-    return TrainingError(f"{what} at step {step}: training stopped; {last}. Lower --lr (or keep --max_grad_norm > 0) "
+    return DivergedError(f"{what} at step {step}: training stopped; {last}. Lower --lr (or keep --max_grad_norm > 0) "
                          "and pass --overwrite to start again")
 
 

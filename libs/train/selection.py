@@ -18,6 +18,7 @@ exist. They are removed when the run writes its result.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from typing import Any, Mapping
 from torch import nn
 
 from libs.config import KEY_CHOICES
-from libs.files import save_safetensors
+from libs.files import CheckpointError, LazySafetensors, save_safetensors
 from libs.score.metrics import ADVANCED_KEYS
 from libs.errors import UserError
 from libs.train.checkpoints import load_trainable, trainable_state
@@ -63,6 +64,9 @@ class Objective:
             terms[match["metric"]] = terms.get(match["metric"], 0.0) + float(match["weight"] or 1.0)
         if not any(terms.values()):
             raise SelectionError(f"objective {text!r} has no term with a positive weight")
+        if not math.isfinite(sum(terms.values())):  # the scores are at most 1: a finite sum bounds the objective
+            raise SelectionError(f"objective {text!r}: the weights overflow to {sum(terms.values())}; use weights "
+                                 "of a sensible size (they only rank the validated steps)")
         return cls(tuple(terms.items()))
 
     def __call__(self, scores: Mapping[str, float]) -> float:
@@ -140,6 +144,12 @@ class Selection:
             raise SelectionError(f"the checkpoint at step {step} chose step {self.best}, whose tensors "
                                  f"({candidate_path(self.out_dir, self.best)}) are gone: pass --overwrite to start "
                                  "over, or --selection last to keep the last step")
+        if self.best is not None:
+            try:  # read its header now: a damaged file is named at the start, not after the remaining steps
+                LazySafetensors([candidate_path(self.out_dir, self.best)])
+            except CheckpointError as error:
+                raise SelectionError(f"the tensors of the best step so far are damaged ({error}): pass --overwrite to "
+                                     "start over, or --selection last to keep the last step") from None
         self.prune()
 
     def prune(self) -> None:

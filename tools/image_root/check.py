@@ -31,7 +31,8 @@ class ReplayedImage:
         """Another writable layer on top of this image (which it leaves as it is), e.g. to break it on purpose."""
         shutil.rmtree(workdir, ignore_errors=True)
         overlay = Overlay((self.root.overlay.upper, *self.root.overlay.lowers), workdir)
-        return Root(self.root.path, overlay, env=dict(self.root.env), workdir=self.root.workdir)
+        return Root(self.root.path, overlay, env=dict(self.root.env), workdir=self.root.workdir,
+                    args=dict(self.root.args))
 
 
 def replay_image(project: Path, work: Path, cache: Path, torch_spec: str,
@@ -48,7 +49,8 @@ def replay_image(project: Path, work: Path, cache: Path, torch_spec: str,
     layer = build_layer(instructions, context, files, torch_spec, cache, log, warm=RUNTIME_MODULES)
     overlay_dir = work / "overlay"
     shutil.rmtree(overlay_dir, ignore_errors=True)
-    root = Root(layer.path, Overlay((layer.path,), overlay_dir), env=dict(layer.env), workdir=layer.workdir)
+    root = Root(layer.path, Overlay((layer.path,), overlay_dir), env=dict(layer.env), workdir=layer.workdir,
+                args=dict(layer.args))
     for instruction in instructions[dependency_steps(instructions):]:
         if instruction.keyword not in INERT:
             log(f"image: Dockerfile line {instruction.line}: {instruction}")

@@ -12,7 +12,7 @@ from libs.errors import UserError
 
 # instructions that change nothing a check inside the root could see
 INERT = {"VOLUME", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE", "STOPSIGNAL", "HEALTHCHECK", "SHELL", "MAINTAINER"}
-REPLAYED = {"FROM", "ENV", "WORKDIR", "COPY", "RUN"}
+REPLAYED = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,9 @@ def parse_dockerfile(path: Path) -> list[Instruction]:
         if keyword not in REPLAYED | INERT:
             raise UserError(f"{path}:{start}: {keyword} is not replayed by the image check; "
                             f"use {', '.join(sorted(REPLAYED))} (or teach tools/image_root/dockerfile.py)")
-        if keyword in ("ENV", "WORKDIR", "COPY") and "$" in argument:
-            raise UserError(f"{path}:{start}: {keyword} with a $variable is not replayed by the image check "
-                            "(Docker would expand it): write the value out")
+        if re.search(r"\$\{\w+:", argument) and keyword != "RUN":
+            raise UserError(f"{path}:{start}: {keyword} uses a ${{VAR:...}} form the image check does not replay: "
+                            "use $VAR or ${VAR}")
         instructions.append(Instruction(keyword, argument.strip(), start))
     if pending:
         raise UserError(f"{path}:{start}: the last instruction ends with a line continuation")
@@ -62,6 +62,18 @@ def env_pairs(argument: str) -> dict[str, str]:
     if words and "=" not in words[0]:
         return {words[0]: " ".join(words[1:])}
     return dict(word.split("=", 1) for word in words)
+
+
+def expand(text: str, variables: dict[str, str]) -> str:
+    """Docker's `$VAR` / `${VAR}` substitution (build args and earlier ENV; unset = empty) in ENV, WORKDIR, COPY."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: variables.get(m.group(1) or m.group(2), ""), text)
+
+
+def arg_default(argument: str) -> tuple[str, str]:
+    """`ARG NAME=default` -> (NAME, default); a build without --build-arg gets the default."""
+    name, _, default = argument.partition("=")
+    words = shlex.split(default)
+    return name.strip(), words[0] if words else ""
 
 
 def copy_sources(argument: str) -> tuple[list[str], str]:

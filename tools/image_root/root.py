@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from libs.errors import UserError
-from tools.image_root.dockerfile import Instruction, copy_sources, env_pairs
+from tools.image_root.dockerfile import Instruction, arg_default, copy_sources, env_pairs, expand
 
 CACHE_DIR = Path("/var/cache/unidiffuser-image-check")
 SUITE = "bookworm"
@@ -90,6 +90,7 @@ class Root:
     overlay: Overlay | None = None
     env: dict[str, str] = field(default_factory=lambda: {"PATH": BASE_PATH, "HOME": "/root", "LANG": "C.UTF-8"})
     workdir: str = "/"
+    args: dict[str, str] = field(default_factory=dict)  # ARG values (their defaults: no --build-arg here)
 
     @property
     def top(self) -> Path:
@@ -144,24 +145,29 @@ class Root:
             raise RuntimeError(f"copying {len(files)} file(s) into {self.top} failed")
 
     def replay_state(self, instruction: Instruction) -> None:
-        """ENV or WORKDIR: what the image's later commands see."""
-        if instruction.keyword == "ENV":
-            self.env.update(env_pairs(instruction.argument))
+        """ARG, ENV or WORKDIR: what the image's later instructions and commands see."""
+        variables = {**self.args, **self.env}  # one instruction sees the values from before it, as in Docker
+        if instruction.keyword == "ARG":
+            name, default = arg_default(instruction.argument)
+            self.args[name] = expand(default, variables)
+        elif instruction.keyword == "ENV":
+            self.env.update({key: expand(value, variables) for key, value in env_pairs(instruction.argument).items()})
         elif instruction.keyword == "WORKDIR":
-            self.workdir = os.path.normpath(os.path.join(self.workdir, instruction.argument))
+            self.workdir = os.path.normpath(os.path.join(self.workdir, expand(instruction.argument, variables)))
 
     def replay(self, instruction: Instruction, context: Path, files: list[str],
                binds: tuple[Bind, ...] = (), env: dict[str, str | None] | None = None) -> None:
         """One Dockerfile instruction (not FROM): ENV and WORKDIR change the state, COPY and RUN the files;
         VOLUME, CMD and the like change nothing a check could see."""
-        if instruction.keyword in ("ENV", "WORKDIR"):
+        if instruction.keyword in ("ARG", "ENV", "WORKDIR"):
             self.replay_state(instruction)
             if instruction.keyword == "WORKDIR":
                 self.run(f"mkdir -p {shlex.quote(self.workdir)}", cwd="/")
         elif instruction.keyword == "COPY":
-            self.copy_in(copy_plan(instruction, context, files, self.workdir))
-        elif instruction.keyword == "RUN":
-            done = self.run(instruction.argument, binds=binds, env=env, network=True)
+            expanded = Instruction("COPY", expand(instruction.argument, {**self.args, **self.env}), instruction.line)
+            self.copy_in(copy_plan(expanded, context, files, self.workdir))
+        elif instruction.keyword == "RUN":  # the shell expands it; build args are in its environment, as in Docker
+            done = self.run(instruction.argument, binds=binds, env={**self.args, **(env or {})}, network=True)
             if done.returncode != 0:
                 raise UserError(f"Dockerfile line {instruction.line}: `RUN {instruction.argument}` failed in the "
                                 f"clean root (exit {done.returncode}; its output is above)")
@@ -293,7 +299,7 @@ def build_layer(instructions: list[Instruction], context: Path, files: list[str]
     final = cache / f"root-{layer_key(instructions, context, files, torch_spec)}"
     state = Root(final)
     for instruction in steps:  # the image's ENV and WORKDIR are needed even when the files are cached
-        if instruction.keyword in ("ENV", "WORKDIR"):
+        if instruction.keyword in ("ARG", "ENV", "WORKDIR"):
             state.replay_state(instruction)
     if (final / COMPLETE).is_file():
         log(f"clean root: from the cache, {final}")
