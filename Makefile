@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # on a GPU machine use e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"`
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo tiny-world submission image-check clean
+.PHONY: setup test test-fast demo demo-search tiny-world submission image-check clean
 
 setup: $(VENV)/.installed
 
@@ -36,6 +36,10 @@ tiny-world: setup
 demo: setup
 	$(PY) tools/demo.py
 
+# the demo with a small recipe search (--auto_recipe over three recipes); prints the search report's path
+demo-search: setup
+	$(PY) tools/demo.py --auto_recipe --workdir demo_search --train_step 15 --validation_steps 5
+
 # the submission image the organizers grade (needs Docker); ARGS="--dry-run" checks the inputs only
 submission: setup
 	$(PY) tools/make_submission.py $(ARGS)
@@ -46,4 +50,4 @@ image-check: setup
 	$(PY) tools/image_check.py --torch "$(TORCH_SPEC)"
 
 clean:
-	rm -rf tiny_world demo_run grade_run build .pytest_cache
+	rm -rf tiny_world demo_run demo_search grade_run build .pytest_cache

@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"rendered split: {DEFAULT_PROMPT_ROOTS[PRELIMINARY]} and "
                              f"{DEFAULT_PROMPT_ROOTS[ADVANCED]} with their folders in --outputs)")
     parser.add_argument("--outputs", default="./outputs/", help="folder of <task>/{prompt}-{idx:03}.jpg; reports are written here")
+    parser.add_argument("--model_output", default=None,
+                        help="folder of <name>/ personalizations whose run reports the score report links "
+                             "(default: model_output/ beside --outputs)")
     parser.add_argument("--tasks", nargs="+", default=list(SUBJECTS), help="subjects to score (default: %(default)s)")
     parser.add_argument("--advanced", action="store_true",
                         help=f"score <name>_sim and <name>_edit from --prompts (default {DEFAULT_PROMPT_ROOTS[PRELIMINARY]}; "
@@ -67,7 +70,7 @@ def main(args: argparse.Namespace) -> list[ScoreResult]:
         scorer = Scorer(args.face_backend, clip_model=args.clip_model, device=args.device, config=args.config,
                         insightface_root=args.insightface_root)
         results = [scorer.score_run(run) for run in runs]
-    reports = write_reports(results, args.outputs)
+    reports = write_reports(results, args.outputs, args.model_output)
     print("\n".join(task_lines(results)))
     print(f"reports: {reports['html']} (+ {reports['json'].name}, {reports['csv'].name})")
     print("\n".join(summary_lines(results, [f"{run.split} split ({run.prompts_dir}/):" for run in runs])))

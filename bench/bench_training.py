@@ -17,6 +17,8 @@ Modes
                  as a chain of multi-tensor ops; default: fused on CUDA), compile (torch.compile of the
                  U-ViT, as --compile), compile_blocks (regional: each block compiled); compilation shows
                  in warmup_times_s
+  adapter_*      default with another U-ViT adapter family (--adapter: dora, loha, lokr, vera, oft; opt-in:
+                 --modes default adapter_dora adapter_vera ...); each row records its trained parameters
   checkpoint/*   what writing a checkpoint costs the training thread: `sync` (save_checkpoint) and
                  `background` (CheckpointWriter.save: a copy to the host, the write in a thread; write_s
                  is how long the thread then took), on the default mode's model and optimizer
@@ -48,6 +50,7 @@ from bench.common import (DTYPES, Measured, bench_config, common_parser, fmt_flo
                           interleaved_runs, median, peak_memory, print_table, random_checkpoints, size_summary, start,
                           timing_fields, uvit_forward_flops, write_result)
 from libs.errors import run_cli
+from libs.adapters.families import FAMILIES
 from libs.precision import autocast as training_autocast
 from libs.prompts import fill_prompt
 from libs.train import (BatchMaker, Models, Plan, TrainData, TrainImage, build_data, build_models, loss_terms,
@@ -76,6 +79,7 @@ class Mode:
     lora_dropout: float | None = None  # None: config.train.lora_dropout
     fused_adamw: bool | None = None  # None: make_optimizer's choice (fused on CUDA)
     compile_blocks: bool = False
+    adapter: str | None = None  # None: config.train.adapter
 
 
 DEFAULT = Mode("default")
@@ -91,8 +95,10 @@ MODES = {mode.name: mode for mode in (
     replace(DEFAULT, name="foreach_adamw", fused_adamw=False),
     replace(DEFAULT, name="compile", compile=True),
     replace(DEFAULT, name="compile_blocks", compile_blocks=True),
+    *(replace(DEFAULT, name=f"adapter_{family}", adapter=family) for family in FAMILIES if family != "lora"),
 )}
-OPT_IN = {"compile", "compile_blocks"}  # minutes of compilation: only when asked for
+# minutes of compilation, and the adapter families (a comparison of their own): only when asked for
+OPT_IN = {"compile", "compile_blocks", *(name for name in MODES if name.startswith("adapter_"))}
 
 
 def train_dtype(mode: Mode, device: torch.device) -> torch.dtype:
@@ -128,6 +134,8 @@ def mode_config(mode: Mode, config: ml_collections.ConfigDict) -> ml_collections
                        compile=mode.compile)
     if mode.lora_dropout is not None:
         local.train.lora_dropout = mode.lora_dropout
+    if mode.adapter is not None:
+        local.train.adapter = mode.adapter
     return local
 
 
@@ -271,6 +279,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                   "mode": {k: v for k, v in vars(mode).items() if k != "name"},
                   "dtype": str(train_dtype(mode, device)).removeprefix("torch."),
                   "lora_rank": mode.rank or int(cfg.rank),
+                  "adapter": mode.adapter or str(cfg.adapter),
+                  "trainable_parameters": sum(p.numel() for _, p in trainables[mode.name].trainable()),
                   **timing_fields(measured[mode.name], args.repeats, args.warmup)}
         baseline_s = baseline_s or record["median_s"]
         encode_s = encode_view_s * recipe_views if mode.cached else 0.0
@@ -286,7 +296,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [write_result(args.results_dir, BENCH, record, device) for record in rows]
     print(f"{BENCH} size={args.size} batch={cfg.batch_size}+{cfg.class_batch_size} train_step={cfg.train_step} "
           f"device={rows[0]['device_name']} torch={torch.__version__}")
-    print_table(rows, [("mode", "config", fmt_str), ("s/step", "median_s", fmt_float(3)),
+    print_table(rows, [("mode", "config", fmt_str), ("trained", "trainable_parameters", lambda v: "-" if v is None else f"{v:,}"),
+                       ("s/step", "median_s", fmt_float(3)),
                        ("steps/s", "steps_per_s", fmt_float(3)), ("s/subject", "projected_s_per_subject", fmt_float(1)),
                        ("work GiB", "working_mem_bytes", gib), ("peak GiB", "peak_mem_bytes", gib),
                        ("x baseline", "speedup_vs_baseline", fmt_float(2)),

@@ -60,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
         num_class_images=4,
         rank=4,
         alpha=4.0,
+        oft_block_size=4,
+        vera_rank=8,
         text_lora_rank=2,
         text_lora_alpha=2.0,
         train_step=8,

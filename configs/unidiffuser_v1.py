@@ -119,10 +119,14 @@ def get_config() -> ml_collections.ConfigDict:
         min_snr_gamma=0.0,  # min-SNR-gamma weighting of every row by min(SNR, gamma) / SNR (5 is usual); 0 = off
         # what trains
         text_encoder_mode="token",  # token: new row(s); lora: + LoRA on CLIP attention; full: + all; frozen: no token
-        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT LoRA modules (libs/adapters/lora.py)
-        rank=32,  # U-ViT LoRA rank; the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
-        alpha=32.0,  # U-ViT LoRA alpha: scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
+        adapter="lora",  # U-ViT adapter family (peft): lora, dora (LoRA + weight decomposition), loha, lokr, vera, oft; none: no U-ViT adapter
+        lora_targets=("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed"),  # U-ViT modules the adapter adapts (libs/adapters/lora.py)
+        rank=32,  # U-ViT adapter rank (lora, dora, loha, lokr); the reference's 64 has twice the parameters (49.1 M instead of 24.5 M)
+        alpha=32.0,  # U-ViT adapter alpha (lora, dora, loha, lokr): scale alpha/rank = 1, update size close to the reference's r=64, alpha=32
         lora_dropout=0.1,  # dropout on the LoRA inputs (U-ViT and text encoder)
+        lokr_factor=0,  # adapter lokr: the Kronecker factor size of each side (0 = as square as possible)
+        oft_block_size=32,  # adapter oft: the orthogonal blocks' size; it must divide every target's input size
+        vera_rank=256,  # adapter vera: rank of the shared random projections (seed-generated, not trained)
         text_lora_rank=8,  # text-encoder LoRA rank (text_encoder_mode lora)
         text_lora_alpha=8.0,  # text-encoder LoRA alpha (text_encoder_mode lora)
         # optimisation: AdamW on the trainable tensors only (fp32), frozen weights in the mixed-precision dtype
@@ -135,6 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr_scheduler="constant",  # the learning-rate schedule after the warmup
         warmup_steps=20,  # steps of linear learning-rate warmup
         max_grad_norm=1.0,  # gradient-norm clipping; 0 = no clipping
+        ema_decay=0.0,  # moving average of the trained tensors (e.g. 0.99); validation, selection and the written adapters use it; 0 = off
         # speed
         cache_latents=True,  # encode each image view once; off re-encodes every step (slow, for checking)
         cache_dir="",  # also keep encodings on disk here, keyed by the image pixels and the encoders
@@ -170,6 +175,8 @@ def get_config() -> ml_collections.ConfigDict:
         auto_recipes=("base", "half_rank", "double_lr", "identity_levers", "text_lora", "longer"),  # candidates, in order
         auto_budget=2000,  # optimizer steps of all candidates together; one that does not fit is skipped
         auto_param_penalty=0.002,  # objective points subtracted per million changed parameters (U-ViT r=32: 0.049)
+        auto_max_parameters=0,  # recipes that would change more parameters are left out before training; 0 = no limit
+        auto_devices="",  # recipes trained concurrently, one process per device: cuda:0,cuda:1 (cpu,cpu without GPUs); "" = in this process
     )
     return config
 

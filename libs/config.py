@@ -85,6 +85,9 @@ KEY_RANGES: dict[str, Range] = {
     "train.rank": AT_LEAST_ONE,
     "train.alpha": POSITIVE,
     "train.lora_dropout": Range(0, 1, high_open=True),
+    "train.lokr_factor": NON_NEGATIVE,
+    "train.oft_block_size": AT_LEAST_ONE,
+    "train.vera_rank": AT_LEAST_ONE,
     "train.text_lora_rank": AT_LEAST_ONE,
     "train.text_lora_alpha": POSITIVE,
     "train.train_step": AT_LEAST_ONE,
@@ -95,6 +98,7 @@ KEY_RANGES: dict[str, Range] = {
     "train.weight_decay": NON_NEGATIVE,
     "train.warmup_steps": NON_NEGATIVE,
     "train.max_grad_norm": NON_NEGATIVE,
+    "train.ema_decay": Range(0, 1, high_open=True),
     "train.encode_batch_size": AT_LEAST_ONE,
     "train.log_every": AT_LEAST_ONE,
     "train.checkpointing_steps": AT_LEAST_ONE,
@@ -107,6 +111,7 @@ KEY_RANGES: dict[str, Range] = {
     "train.validation_batch_size": AT_LEAST_ONE,
     "train.auto_budget": AT_LEAST_ONE,
     "train.auto_param_penalty": NON_NEGATIVE,
+    "train.auto_max_parameters": NON_NEGATIVE,
 }
 KEY_CHOICES: dict[str, tuple[str, ...]] = {
     # every string key with a fixed set of values; the modules that implement them read their list here,
@@ -114,6 +119,7 @@ KEY_CHOICES: dict[str, tuple[str, ...]] = {
     "sample.cfg_mode": ("true_uncond", "empty_token"),
     "sample.rerank_face_backend": ("insightface", "dlib"),
     "train.text_encoder_mode": ("frozen", "token", "lora", "full"),
+    "train.adapter": ("lora", "dora", "loha", "lokr", "vera", "oft", "none"),
     "train.lr_scheduler": ("constant", "cosine", "linear"),
     "train.crop": ("face", "center"),
     "train.selection": ("best", "last"),

@@ -3,19 +3,23 @@ in it, its preparation and cleanup, and the listings other modules read.
 
     personalization.json             what was trained (libs/personalization/ours.py writes and reads it)
     uvit_lora.safetensors            U-ViT LoRA weights
+    uvit_adapter.safetensors         instead, the U-ViT weights of another adapter family (--adapter)
     token_embeddings.safetensors     {"<new1>": [num_vectors, 768]}
     text_encoder_lora.safetensors    only with text_encoder_mode "lora"
     text_encoder.safetensors         only with text_encoder_mode "full"
     train_config.json                the full config, photos (with sha256), versions, command line
     logs/train_log.jsonl             one line per logged step (loss terms, learning rates, eval losses)
     logs/tensorboard/                the same scalars and the validation grids, when tensorboard is installed
-    checkpoints/checkpoint-000300/   trainable.safetensors, optimizer.pt, training_state.json (resumable)
+    checkpoints/checkpoint-000300/   trainable.safetensors, optimizer.pt, training_state.json, ema.safetensors (--ema_decay) (resumable)
     validation/step-000100.jpg       the validation grids
     validation/step-000100/          the validation images in the competition layout
     validation/prompts/              their prompt files
     validation/curves.png            the scores against the step
     candidates/step-*.safetensors    the best validated step's tensors until the run ends
-    auto_recipe/                     --auto_recipe's candidate runs, table.csv and failed.json (diverged recipes)
+    auto_recipe/                     --auto_recipe's candidate runs, table.csv, report.html, frontier.png and
+                                     failed.json
+    report.html                      the run report (libs/train/run_report.py), refreshed at each validation
+    report_files/                    the run report's thumbnails of the photos
 
 It lives beside libs/train, not in it, because sample.py's reader (libs/personalization) also looks into
 this folder (an unfinished run's checkpoints) and must not import the training package.
@@ -27,11 +31,12 @@ from pathlib import Path
 
 META_FILE = "personalization.json"
 UVIT_LORA_FILE = "uvit_lora.safetensors"
+UVIT_ADAPTER_FILE = "uvit_adapter.safetensors"
 TOKEN_FILE = "token_embeddings.safetensors"
 TEXT_LORA_FILE = "text_encoder_lora.safetensors"
 TEXT_FULL_FILE = "text_encoder.safetensors"
 RUN_FILE = "train_config.json"
-OUTPUT_FILES = (META_FILE, UVIT_LORA_FILE, TOKEN_FILE, TEXT_LORA_FILE, TEXT_FULL_FILE, RUN_FILE)
+OUTPUT_FILES = (META_FILE, UVIT_LORA_FILE, UVIT_ADAPTER_FILE, TOKEN_FILE, TEXT_LORA_FILE, TEXT_FULL_FILE, RUN_FILE)
 LOG_DIR = "logs"
 LOG_FILE = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -40,16 +45,21 @@ CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_STATE = "training_state.json"
 CHECKPOINT_WEIGHTS = "trainable.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
+CHECKPOINT_EMA = "ema.safetensors"
 VALIDATION_DIR = "validation"
 PROMPTS_DIR = "prompts"
 CURVES_FILE = "curves.png"
 CANDIDATE_DIR = "candidates"
 AUTO_DIR = "auto_recipe"
 TABLE_FILE = "table.csv"
+REPORT_FILE = "report.html"  # the page of a run folder and of its auto_recipe/ search folder
+REPORT_FILES_DIR = "report_files"
+FRONTIER_FILE = "frontier.png"
 FAILED_FILE = "failed.json"  # in auto_recipe/: the recipes that diverged, with why (never retrained on resume)
 # everything a run writes at the top of -o: an existing folder holding anything else is not a run's, and
 # train.py refuses it (libs/outputs.py)
-OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR)
+OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR, REPORT_FILE,
+                  REPORT_FILES_DIR)
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:
@@ -115,5 +125,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
             elif old.exists():
                 old.unlink()
         (validation / CURVES_FILE).unlink(missing_ok=True)
+        (out / REPORT_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out / REPORT_FILES_DIR, ignore_errors=True)
         remove_checkpoints(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import csv
 import json
+from copy import deepcopy
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
 
 import train as train_script
 from entrypoints import run_entry, script_repo
 from libs.locks import FolderBusyError, claimed_folder
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import plan_candidates
-from libs.train_output import AUTO_DIR, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
+from libs.train.frontier import pareto_optimal
+from libs.train.param_budget import planned_parameters
+from libs.train_output import AUTO_DIR, FRONTIER_FILE, META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 # the objective (sim_face here) of each recipe's validated steps
 CURVES = {"base": {1: 0.50, 2: 0.60}, "half_rank": {1: 0.58, 2: 0.55}, "double_lr": {1: 0.62, 2: 0.40}}
@@ -67,6 +73,19 @@ def test_candidates_follow_the_documented_recipes_and_the_budget(tiny_config, tm
     assert all(not c.config.train.auto_recipe for c in candidates.values())
     config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
     assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
+    config.train.update(rank=32, alpha=32.0, auto_recipes=("low_rank", "vera", "lokr"), auto_budget=100)
+    low = {c.recipe.name: c for c in plan_candidates(config, tmp_path)}
+    assert low["low_rank"].changes == {"rank": 4, "alpha": 4.0}  # adapter lora is already the config's
+    assert low["vera"].changes == {"adapter": "vera"} and low["lokr"].changes == {"adapter": "lokr"}
+    # --auto_max_parameters: the rank-32 base is left out before training, the low-parameter recipes stay
+    limit = planned_parameters(low["low_rank"].config)
+    config.train.update(auto_recipes=("base", "low_rank", "vera", "text_only"), auto_max_parameters=limit)
+    statuses = {c.recipe.name: c.status for c in plan_candidates(config, tmp_path)}
+    assert statuses == {"base": "over parameter budget", "low_rank": "trained", "vera": "trained", "text_only": "trained"}
+    assert planned_parameters(plan_candidates(config, tmp_path)[0].config) > limit
+    config.train.auto_max_parameters = 0
+    config.train.update(masked_loss=True, min_snr_gamma=5.0, auto_recipes=("base", "identity_levers"))
+    assert [c.status for c in plan_candidates(config, tmp_path)] == ["trained", "duplicate of base"]
 
 
 def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(tiny_config, photos, tmp_path):
@@ -91,7 +110,9 @@ def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(t
     for name, curve in CURVES.items():
         row = by_recipe[name]
         best_step = max(curve, key=curve.get)
-        assert (row["best_step"], row["objective"], row["parameters"]) == (best_step, curve[best_step], PARAMETERS[name])
+        assert (row["best_step"], row["objective"], row["changed_parameters"]) == (best_step, curve[best_step],
+                                                                                  PARAMETERS[name])
+        assert row["adapter"] == "lora"
         assert row["score"] == pytest.approx(curve[best_step] - PENALTY * PARAMETERS[name] / 1e6)
     # without the penalty double_lr (0.62) would win; with it half_rank does (0.58 - 0.053 > 0.62 - 0.106)
     assert [row["recipe"] for row in rows if row["winner"]] == ["half_rank"]
@@ -99,6 +120,12 @@ def test_the_search_picks_by_objective_minus_the_parameter_penalty_and_resumes(t
         table = list(csv.DictReader(handle))
     assert [row["recipe"] for row in table] == ["base", "half_rank", "double_lr", "longer", "identity_levers"]
     assert [row["winner"] for row in table] == ["False", "True", "False", "False", "False"]
+    assert [row["changed_parameters"] for row in table[:3]] == [str(PARAMETERS[n]) for n in ("base", "half_rank", "double_lr")]
+    # frontier: half_rank (5,328 at 0.58) and double_lr (10,624 at 0.62) are Pareto-optimal, base (10,624 at 0.60) is not
+    assert pareto_optimal(rows) == [False, True, True, False, False]
+    with Image.open(work / FRONTIER_FILE) as plot:
+        assert plot.format == "PNG" and plot.size[0] >= 600
+        plot.verify()
 
     for name in (UVIT_LORA_FILE, TOKEN_FILE):
         assert (out / name).read_bytes() == (work / "half_rank" / name).read_bytes()
@@ -130,14 +157,14 @@ def test_a_second_search_on_the_same_folder_stops_at_once(tiny_config, photos, t
         assert [p.name for p in out.iterdir()] == [".lock"]
 
 
-def main_exit(config, photos: Path, out: Path) -> int:
+def main_exit(config, photos: Path, out: Path, *extra: str) -> int:
     config_file = out.parent / "config.py"
     config_file.write_text("from libs.config import load_config\n\n\ndef get_config():\n"
                            "    config = load_config('tiny')\n"
                            f"    config.paths.update({config.paths.to_dict()!r})\n    return config\n")
     return run_entry(train_script, ["--config", config_file, "-d", photos, "-o", out, "--auto_recipe",
                                     "--no_prior_preservation", "--train_step", "2", "--validation_steps", "1",
-                                    "--auto_budget", "6"])
+                                    "--auto_budget", "6", *extra])
 
 
 @pytest.mark.slow
@@ -157,3 +184,37 @@ def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file,
         assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
     again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and again.stdout.count("nothing to resume") == 4
+
+
+@pytest.mark.slow
+def test_a_search_over_two_cpu_processes_gives_the_serial_table_and_winner(tiny_config, photos, tmp_path, monkeypatch):
+    """--auto_devices cpu,cpu: one process per device, the same numbers (same seeds) and the same winner."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the device processes compute as this one (one thread)
+    results = {}
+    for devices in ("", "cpu,cpu"):
+        config = auto_config(deepcopy(tiny_config))
+        config.train.update(auto_recipes=("base", "half_rank", "vera"), auto_budget=6, validation_face_backend="none",
+                            auto_devices=devices)
+        out = tmp_path / (devices or "serial") / "girl1"
+        run_auto_recipe(config, photos, out)
+        with open(out / AUTO_DIR / TABLE_FILE, newline="") as handle:
+            results[devices] = (list(csv.DictReader(handle)), (out / TOKEN_FILE).read_bytes())
+    serial, parallel = results[""], results["cpu,cpu"]
+    assert parallel[0] == serial[0] and all(row["score"] for row in serial[0])
+    assert parallel[1] == serial[1]  # the winner's adapters, bitwise
+    logs = tmp_path / "cpu,cpu" / "girl1" / AUTO_DIR / "logs"
+    assert {p.name for p in logs.glob("*.log")} == {"base.log", "half_rank.log", "vera.log"}
+
+
+@pytest.mark.parametrize("devices, message", [("gpu7", r"device list 'gpu7': unknown device 'gpu7'"),
+                                              ("cuda:0", r"no usable CUDA GPU")])
+def test_an_unknown_device_is_refused_before_anything_is_written(tiny_config, photos, tmp_path, capsys, devices,
+                                                                 message):
+    if devices == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "out"
+    code = main_exit(tiny_config, photos, out, "--auto_devices", devices)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and re.search(message, lines[0]) and "Traceback" not in err, err
+    assert not out.exists() or [p.name for p in out.iterdir()] in ([], [".lock"])

@@ -54,13 +54,14 @@ def test_bench_scripts_write_complete_lines(tmp_path: Path) -> None:
 
     assert lines[0]["mode"]["attention"] == "sdpa"  # the official code's attention on torch >= 2
 
-    bench_training.main(COMMON + out + ["--modes", "default", "no_cache", "no_lora_dropout"])
+    bench_training.main(COMMON + out + ["--modes", "default", "no_cache", "no_lora_dropout", "adapter_vera"])
     lines = read_lines(tmp_path, "bench_training")
     steps = [l for l in lines if not l["config"].startswith("checkpoint/")]
     check_lines(steps, "bench_training", ("steps_per_s", "projected_s_per_subject", "encode_s_per_view",
                                           "subject_speedup_vs_baseline", "lora_rank"))
-    assert [l["config"] for l in lines] == ["baseline", "default", "no_cache", "no_lora_dropout",
+    assert [l["config"] for l in lines] == ["baseline", "default", "no_cache", "no_lora_dropout", "adapter_vera",
                                             "checkpoint/sync", "checkpoint/background"]
+    assert lines[4]["adapter"] == "vera" and 0 < lines[4]["trainable_parameters"] < lines[1]["trainable_parameters"]
     assert lines[0]["lora_rank"] == 64 and lines[0]["mode"]["cached"] is False
     assert all(l["write_s"] > 0 for l in lines[-2:])
 

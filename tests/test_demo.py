@@ -33,6 +33,7 @@ def test_demo_pipeline_produces_every_artefact(tmp_path):
     assert images == [f"{i}-{k:03}.jpg" for i in range(len(DEMO_PROMPTS)) for k in range(3)]
     assert artefacts["grid"].is_file()
 
+    assert artefacts["run report"].is_file()  # train.py's report.html, printed by the demo with the score report
     results = json.loads((artefacts["report"].parent / "score_results.json").read_text())
     assert SUBJECT in json.dumps(results)
     html = artefacts["report"].read_text()

@@ -1,11 +1,14 @@
 """The whole pipeline, end to end, on the tiny world and the committed public-domain photos.
 
     make demo            (or: python tools/demo.py [--workdir demo_run] [--train_step 30])
+    make demo-search     (or: python tools/demo.py --auto_recipe): a small recipe search instead of one recipe
 
 Runs the same command lines a contestant runs, with `--config tiny`: build the tiny model set,
 prepare a demo subject (augmented copies of the astronaut portrait) and a class set (Grace Hopper),
-crop (offline face detector), train.py, sample.py, score.py (offline dlib face backend). With the
-real weights in models/, the real pipeline is `./train.sh && ./sample.sh && python score.py`.
+crop (offline face detector), train.py with validation by the metric (offline dlib face backend) and
+best-step selection, sample.py, score.py. It ends with the paths of the reports to open: the run's
+report.html (or the search's auto_recipe/report.html) and outputs/score_report.html. With the real
+weights in models/, the real pipeline is `./train.sh && ./sample.sh && python score.py`.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 from libs.config import REPO_ROOT  # noqa: E402
 from libs.errors import UserError, run_cli  # noqa: E402
 from libs.outputs import check_output_folder, only  # noqa: E402
+from libs.score.report import REPORT_HTML  # noqa: E402
+from libs.train_output import AUTO_DIR, REPORT_FILE  # noqa: E402
 from libs.tiny_world import build_tiny_world  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets" / "demo"
@@ -81,8 +86,16 @@ def run(step: str, args: Sequence[str]) -> None:
     print(f"=== {step} done in {time.perf_counter() - started:.1f}s", flush=True)
 
 
-def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict[str, Path]:
-    """Every step of the real flow on the tiny world; returns where the artefacts are."""
+# the default objective plus the CLIP image terms: on the tiny world's noise images no face is found and the
+# tiny CLIP's text cosines are negative (clamped to 0), so the default's terms would all be 0 at every step
+DEMO_OBJECTIVE = "sim_face + edit_face + edit_clip_text + sim_clip_img + edit_clip_img"
+SEARCH_RECIPES = ("base", "half_rank", "double_lr")  # a small search: three recipes, each trained and validated
+
+
+def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6, validation_steps: int = 10,
+             auto_recipe: bool = False) -> dict[str, Path]:
+    """Every step of the real flow on the tiny world, validated every `validation_steps` (dlib faces, so
+    the curves and the chosen step mean something); returns where the artefacts are."""
     workdir = workdir.resolve()
     check_output_folder(workdir, "demo folder (--workdir)", only(*DEMO_FOLDERS))
     print(f"tiny world: {build_tiny_world('tiny')}")
@@ -94,13 +107,18 @@ def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6) -> dict
                  "--no_rembg", "--face_backend", "dlib", "--size", "256"])
     run("train", ["train.py", "--config", "tiny", "-d", crops / SUBJECT, "-o", model_out,
                   "--class_data_dir", data["class_dir"], "--num_class_images", "5", "--train_step", str(train_step),
-                  "--overwrite"])
+                  "--validation_steps", str(validation_steps), "--validation_face_backend", "dlib", "--objective", DEMO_OBJECTIVE,
+                  "--overwrite",
+                  *(["--auto_recipe", "--auto_recipes", *SEARCH_RECIPES, "--auto_budget",
+                     str(len(SEARCH_RECIPES) * train_step)] if auto_recipe else [])])
     run("sample", ["sample.py", "--config", "tiny", "--restore_path", model_out, "--prompt_path", data["prompts"],
                    "--output_path", outputs / SUBJECT, "--steps", str(sample_steps), "--skip_existing"])
     run("score", ["score.py", "--config", "tiny", "--dataset", workdir / "train_data", "--prompts",
                   workdir / "eval_prompts", "--outputs", outputs, "--tasks", SUBJECT, "--face_backend", "dlib"])
+    reports = ({"search report": model_out / AUTO_DIR / REPORT_FILE} if auto_recipe
+               else {"run report": model_out / REPORT_FILE})
     return {"crops": crops / SUBJECT, "personalization": model_out, "images": outputs / SUBJECT,
-            "grid": outputs / SUBJECT / "grid.jpg", "report": outputs / "score_report.html"}
+            "grid": outputs / SUBJECT / "grid.jpg", **reports, "report": outputs / REPORT_HTML}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -108,17 +126,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "demo_run", help="where the demo writes everything")
     parser.add_argument("--train_step", type=int, default=30)
     parser.add_argument("--sample_steps", type=int, default=6)
+    parser.add_argument("--validation_steps", type=int, default=10, help="validate every N steps (and at the last)")
+    parser.add_argument("--auto_recipe", action="store_true",
+                        help=f"a recipe search ({', '.join(SEARCH_RECIPES)}) instead of one training run")
     return parser.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
     try:
-        artefacts = run_demo(args.workdir, args.train_step, args.sample_steps)
+        artefacts = run_demo(args.workdir, args.train_step, args.sample_steps, args.validation_steps,
+                             args.auto_recipe)
     except subprocess.CalledProcessError as error:
         raise UserError(f"demo stopped: step `{' '.join(map(str, error.cmd[1:3]))}` failed (exit {error.returncode})") from error
     print("\nDemo finished (tiny random models: the pictures are noise-like, the pipeline is real).")
     for name, path in artefacts.items():
         print(f"  {name:16s} {path}")
+    opened = artefacts.get("run report") or artefacts["search report"]
+    print(f"Open in a browser: {opened.as_uri()}\n                   {artefacts['report'].as_uri()}")
     print("With the real weights in models/ (python tools/download.py): ./train.sh && ./sample.sh && python score.py")
 
 

@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from libs.files import CheckpointError, key_mismatches
@@ -129,7 +129,8 @@ def load_lora_state(model: nn.Module, state: Mapping[str, torch.Tensor], source:
 
 def merge_lora(model: nn.Module, source: str | Path = "the adapters", device: torch.device | str | None = None,
                dtype: torch.dtype | None = None) -> int:
-    """Fold every LoRA delta into its base weight (inference speed); returns the number of merged layers.
+    """Fold every adapter delta (LoRA, or any peft family of libs/adapters/families.py) into its base weight
+    (inference speed); returns the number of merged layers.
 
     The merged weight is a new tensor (peft's safe merge), so base weights shared with other models are never
     written; a delta holding NaN/inf is refused, naming `source`. With `dtype` the model ends on `device`
@@ -138,13 +139,13 @@ def merge_lora(model: nn.Module, source: str | Path = "the adapters", device: to
     tensor at a time, so no full-precision copy of the whole model is ever made on the device."""
     merged = 0
     for module in model.modules():
-        if isinstance(module, LoraLayer) and not module.merged:
+        if isinstance(module, BaseTunerLayer) and not module.merged:
             if device is not None:
                 module.to(device)
             try:
                 module.merge(safe_merge=True)
             except ValueError as error:  # peft: "NaNs detected in the merged weights"
-                raise CheckpointError(f"{source}: the LoRA weights hold NaN or inf values ({error})") from error
+                raise CheckpointError(f"{source}: the adapter weights hold NaN or inf values ({error})") from error
             if dtype is not None:
                 place_for_inference(module, device, dtype)
             merged += 1

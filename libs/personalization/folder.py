@@ -31,6 +31,10 @@ class Personalization:
         if self.meta.get("uvit_lora"):
             lora = self.meta["uvit_lora"]
             parts.append(f"U-ViT LoRA r={lora['r']} alpha={lora['alpha']} on {len(lora['target_modules'])} modules")
+        if self.meta.get("uvit_adapter"):
+            from libs.adapters.families import AdapterSpec  # peft only when a folder names a family
+
+            parts.append(AdapterSpec.from_dict(self.meta["uvit_adapter"]).describe())
         if self.meta.get("text_encoder_mode") in ("lora", "full"):
             parts.append(f"text encoder {self.meta['text_encoder_mode']}")
         return ", ".join(parts)

@@ -8,17 +8,17 @@ One split's JSON is that split's `ScoreResult.to_dict()`; when both splits were 
 from __future__ import annotations
 
 import csv
-import html
 import io
-import os
 from pathlib import Path
 from typing import Sequence
-from urllib.parse import quote
 
 from libs.files import atomic_path, save_json
 from libs.score.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, CandidateRecord, CandidatesFileError,
                                    load_record)
 from libs.models.clip import MAX_LENGTH
+from libs.layout import ADVANCED_SPLITS, MODEL_OUTPUT
+from libs.report.html import STYLE, esc, rel_link, score_cell, td
+from libs.report.trained import TrainedSubject, find_training
 from libs.score.metrics import METRIC_NAMES, METRICS
 from libs.score.results import ScoreResult, TaskResult
 
@@ -36,8 +36,10 @@ def results_json(results: Sequence[ScoreResult]) -> dict:
             "splits": {result.split: result.to_dict() for result in results}}
 
 
-def write_reports(results: Sequence[ScoreResult], folder: str | Path) -> dict[str, Path]:
-    """score_results.json, score_results.csv and score_report.html in `folder`, each written atomically."""
+def write_reports(results: Sequence[ScoreResult], folder: str | Path,
+                  model_output: str | Path | None = None) -> dict[str, Path]:
+    """score_results.json, score_results.csv and score_report.html in `folder`, each written atomically; the
+    page links each subject to its training in `model_output` (default: `model_output/` beside `folder`)."""
     folder = Path(folder)
     paths = {"json": folder / RESULTS_JSON, "csv": folder / RESULTS_CSV, "html": folder / REPORT_HTML}
     save_json(results_json(results), paths["json"])
@@ -53,7 +55,7 @@ def write_reports(results: Sequence[ScoreResult], folder: str | Path) -> dict[st
     with atomic_path(paths["csv"]) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
     with atomic_path(paths["html"]) as tmp:
-        tmp.write_text(render_html(results, folder), encoding="utf-8")
+        tmp.write_text(render_html(results, folder, model_output), encoding="utf-8")
     return paths
 
 
@@ -82,34 +84,21 @@ def summary_lines(results: Sequence[ScoreResult], labels: Sequence[str]) -> list
 
 # --- the HTML page -------------------------------------------------------------------------------
 
-def _src(path: str | Path, base: Path) -> str:
-    """A relative, URL-quoted image link, so the report keeps working when the repository moves."""
-    return quote(Path(os.path.relpath(Path(path).resolve(), base.resolve())).as_posix())
-
-
-def _cell(value: float) -> str:
-    hue = int(120 * min(1.0, max(0.0, value)))  # red (0) -> green (1)
-    return f'<td style="background:hsl({hue},70%,85%)">{value:.3f}</td>'
-
-
-_STYLE = """body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}
-td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right}th{background:#eee}
-.refs img{height:128px;margin:2px;border:3px solid #6c6}.refs img.noface{border-color:#d44}
-.prompt{margin:1em 0;padding:.5em;border-top:1px solid #ccc}.gen{display:inline-block;margin:4px;vertical-align:top;font-size:.85em}
-.gen img{width:192px;height:192px;object-fit:cover;display:block}.missing{width:192px;height:192px;background:#fdd;
-display:flex;align-items:center;justify-content:center}.warn{color:#b40}
-.cands{margin-top:.3em}.cand{display:inline-block;margin:2px;font-size:.75em;vertical-align:top}
+# best-of-N candidates beside a prompt's kept images (green = kept)
+CANDIDATE_STYLE = """.cands{margin-top:.3em}.cand{display:inline-block;margin:2px;font-size:.75em;vertical-align:top}
 .cand img{width:96px;height:96px;object-fit:cover;display:block;border:3px solid #ddd}.cand img.kept{border-color:#6c6}"""
 
 
-def render_html(results: Sequence[ScoreResult], base: str | Path) -> str:
-    """One page: per split its summary and task table, then per task its reference photos and each prompt's
-    images with their scores. Image links are relative to `base` (the folder the page is written to)."""
+def render_html(results: Sequence[ScoreResult], base: str | Path, model_output: str | Path | None = None) -> str:
+    """One page: per split its summary and task table, what training predicted for each subject (with a link
+    to its run report), then per task its reference photos and each prompt's images with their scores.
+    Links are relative to `base` (the folder the page is written to)."""
     base = Path(base)
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>score report</title><style>{_STYLE}</style>",
+    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>score report</title><style>{STYLE}{CANDIDATE_STYLE}</style>",
            "</head><body><h1>Score report</h1>"]
     for result in results:
         out += _split_summary(result)
+    out += _training_section(results, Path(model_output) if model_output else base.parent / MODEL_OUTPUT, base)
     for result in results:
         for name, task in result.tasks.items():
             out += _task_section(name, task, base)
@@ -118,17 +107,16 @@ def render_html(results: Sequence[ScoreResult], base: str | Path) -> str:
 
 
 def _split_summary(result: ScoreResult) -> list[str]:
-    esc = html.escape
     out = [f"<p>split: <b>{result.split}</b> &middot; face backend: <b>{esc(result.face_backend)}</b>"]
     if not result.comparable_with_competition:
         out.append(" <span class='warn'>(face scores not comparable with competition numbers)</span>")
     out.append("</p><table><tr>" + "".join(f"<th>{esc(k)}</th>" for k in result.summary) + "</tr><tr>"
-               + "".join(_cell(v) for v in result.summary.values()) + "</tr></table>")
+               + "".join(score_cell(v) for v in result.summary.values()) + "</tr></table>")
     out.append("<table><tr><th>task</th>" + "".join(f"<th title='{esc(m.label)}'>{m.name}</th>" for m in METRICS)
                + "<th>face detected</th><th>reference faces</th><th>missing</th></tr>")
     for name, task in result.tasks.items():
         out.append(f"<tr><th><a href='#{esc(name)}'>{esc(name)}</a></th>"
-                   + "".join(_cell(value) for value in task.means().values())
+                   + "".join(score_cell(value) for value in task.means().values())
                    + f"<td>{task.face_detection_rate:.0%}</td>"
                    f"<td>{task.reference_faces}/{len(task.references)}</td><td>{len(task.missing)}</td></tr>")
     out.append("</table>")
@@ -136,12 +124,11 @@ def _split_summary(result: ScoreResult) -> list[str]:
 
 
 def _task_section(name: str, task: TaskResult, base: Path) -> list[str]:
-    esc = html.escape
     out = [f"<h2 id='{esc(name)}'>{esc(name)}</h2><p>references ({esc(task.ref_dir)}; red border = no face "
            "detected, not used for the face score):</p><div class='refs'>"]
     for ref in task.references:
         css = "" if ref.face_found else " class='noface'"
-        out.append(f"<img{css} src='{_src(ref.path, base)}' title='{esc(Path(ref.path).name)}'>")
+        out.append(f"<img{css} src='{rel_link(ref.path, base)}' title='{esc(Path(ref.path).name)}'>")
     out.append("</div>")
     if task.reference_faces == 0:
         out.append("<p class='warn'>No face found in any reference photo: face score is 0 for this task.</p>")
@@ -156,7 +143,7 @@ def _task_section(name: str, task: TaskResult, base: Path) -> list[str]:
         out.append(f"<div class='prompt'><b>{prompt.index}</b>: {esc(prompt.prompt)}{note}<br>mean: {means}<br>")
         for image in prompt.images:
             if image.found:
-                picture = f"<img src='{_src(image.path, base)}'>"
+                picture = f"<img src='{rel_link(image.path, base)}'>"
                 caption = "<br>".join("<span class='warn'>no face</span>" if metric == "face" and not image.face_found
                                       else f"{metric} {value:.3f}" for metric, value in image.scores.items())
             else:
@@ -174,12 +161,58 @@ def _candidates(record: CandidateRecord, index: int, output_dir: Path, base: Pat
     entries = sorted(record.of_prompt(index), key=lambda c: (-c.objective, c.candidate))
     if not entries:
         return []
-    out = [f"<div class='cands'>best-of-{html.escape(str(record.settings.get('candidates', '?')))} candidates "
-           f"({html.escape(str(record.settings.get('objective', '')))}; {CANDIDATES_FILE}):<br>"]
+    out = [f"<div class='cands'>best-of-{esc(str(record.settings.get('candidates', '?')))} candidates "
+           f"({esc(str(record.settings.get('objective', '')))}; {CANDIDATES_FILE}):<br>"]
     for entry in entries:
         css = " class='kept'" if entry.kept else ""
-        kept = f"kept as {html.escape(entry.kept_as)}" if entry.kept else "not kept"
-        out.append(f"<div class='cand'><img{css} src='{_src(output_dir / CANDIDATES_DIR / entry.file, base)}'>"
+        kept = f"kept as {esc(entry.kept_as)}" if entry.kept else "not kept"
+        out.append(f"<div class='cand'><img{css} src='{rel_link(output_dir / CANDIDATES_DIR / entry.file, base)}'>"
                    f"{entry.file} &middot; {entry.objective:.3f}<br>{kept}</div>")
     out.append("</div>")
     return out
+
+
+def subject_of(task: str) -> str:
+    """The subject a task renders: `boy1_sim` and `boy1_edit` are boy1's."""
+    for split in ADVANCED_SPLITS:
+        if task.endswith(f"_{split}"):
+            return task[: -len(split) - 1]
+    return task
+
+
+def _training_section(results: Sequence[ScoreResult], model_output: Path, base: Path) -> list[str]:
+    """Per subject: its training report, and the numbers validation predicted for the chosen step next to the
+    numbers scored here (validation renders the advanced split's shape: sim and edit prompts)."""
+    trained: dict[str, TrainedSubject] = {}
+    scored: dict[str, list[tuple[str, TaskResult]]] = {}
+    for result in results:
+        for name, task in result.tasks.items():
+            subject = subject_of(name)
+            found = trained.get(subject) or find_training(model_output, subject)
+            if found is not None:
+                trained[subject] = found
+                scored.setdefault(subject, []).append((name, task))
+    if not trained:
+        return []
+    rows = []
+    for subject, training in trained.items():
+        page = (f"<a href='{rel_link(training.report, base)}'>training report</a>"
+                if training.report is not None else "no report")
+        head = (f"<th class='text' rowspan='{{n}}' id='training-{esc(subject)}'>{esc(subject)}<br>{page}</th>")
+        lines = []
+        for split in ADVANCED_SPLITS:
+            if any(key.startswith(f"{split}_") for key in training.predicted):
+                numbers = [training.predicted.get(f"{split}_{m}") for m in METRIC_NAMES]  # None: not reported
+                lines.append([td(f"validation, step {training.chosen_step} ({training.face_backend} faces)", text=True),
+                              td(split, text=True), *(score_cell(v) for v in numbers)])
+        for name, task in scored[subject]:
+            split = name[len(subject) + 1:] or "preliminary"
+            lines.append([td("scored here", text=True), td(split, text=True),
+                          *(score_cell(value) for value in task.means().values())])
+        for number, cells in enumerate(lines):
+            rows.append("<tr>" + (head.format(n=len(lines)) if number == 0 else "") + "".join(cells) + "</tr>")
+    return ["<h2>Training</h2><p class='note'>each subject's training report, and the numbers its validation "
+            "predicted for the chosen step next to the numbers scored here (other prompts and seeds: expect the "
+            "same order, not the same values)</p><table class='training'><tr><th>subject</th><th>source</th>"
+            "<th>split</th>" + "".join(f"<th>{m}</th>" for m in METRIC_NAMES) + "</tr>", *rows, "</table>"]
+

@@ -10,6 +10,8 @@
     records.py      train_config.json and the personalization's meta record
     logs.py         the JSONL / TensorBoard log and a step's log line
     summary.py      the lines printed before the first step
+    run_report.py   <out>/report.html: settings, photos, curves, the selection table, validation images, warnings
+    search_report.py <out>/auto_recipe/report.html: the recipe table, the frontier plot, the winner
     validation_set.py  the validation set (sim/edit prompts, fixed generators) and a step's rendered images
     metrics.py      the competition metric on it (libs/score/scorer.py)
     selection.py    the objective and the best validated step's adapters (candidates on disk)

@@ -8,12 +8,21 @@ trained and validated as a normal run (its best step chosen by `objective`) and 
 (the competition also ranks the changed-parameter count, spec §7; within one run it is fixed, across
 recipes it differs). The highest score wins. A recipe that changes nothing (the config already has its
 settings) is left out as a duplicate; one whose steps no longer fit into `auto_budget` (the optimizer
-steps of all recipes run) is skipped and the next ones are tried.
+steps of all recipes run) is skipped and the next ones are tried, and so is one that would change more than
+`auto_max_parameters` parameters (counted before it trains, libs/train/param_budget.py).
 
     <out>/auto_recipe/<recipe>/   each recipe's own training folder (train.py's layout; a loser keeps its
                                   personalization.json record, logs and validation, not its adapters)
-    <out>/auto_recipe/table.csv   one row per recipe: changes, steps, best step, scores, parameters, score
+    <out>/auto_recipe/table.csv   one row per recipe: changes, adapter, steps, best step, scores, changed
+                                  parameters, score
+    <out>/auto_recipe/frontier.png best-step objective against changed parameters (libs/train/frontier.py)
+    <out>/auto_recipe/report.html the same table with links to each recipe's run report, and the frontier plot
+    <out>/auto_recipe/logs/       with --auto_devices: each recipe's process output (<recipe>.log) and job
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
+
+With `auto_devices` (cuda:0,cuda:1,... or cpu,cpu) the recipes train concurrently, one process per device
+(libs/devices.py, libs/train/recipe_worker.py), each exactly as the serial search trains it: the same
+table and winner.
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
 continues from its last checkpoint. One scorer (face model + CLIP) serves every recipe.
@@ -24,23 +33,30 @@ import copy
 import csv
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 
+from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
+from libs.train import search_report
+from libs.devices import Job, log_tail, parse_devices, run_on_devices
 from libs.stopping import StopSignals, resume_command
+from libs.train.frontier import plot_frontier
 from libs.train.loop import DivergedError, StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
+from libs.train.param_budget import planned_parameters
 from libs.train.plan import TrainingError, make_plan
 from libs.train.selection import METRICS
-from libs.train_output import (AUTO_DIR, FAILED_FILE, META_FILE, OUTPUT_FILES, RUN_FILE, TABLE_FILE,
-                               prepare_output)
+from libs.train_output import (AUTO_DIR, FAILED_FILE, FRONTIER_FILE, LOG_DIR, META_FILE, OUTPUT_FILES, RUN_FILE,
+                               TABLE_FILE, prepare_output)
 
-RUN, DUPLICATE, OVER_BUDGET, FAILED = "trained", "duplicate", "over budget", "failed"
+RUN, DUPLICATE, OVER_BUDGET, OVER_PARAMETERS, FAILED = ("trained", "duplicate", "over budget",
+                                                       "over parameter budget", "failed")
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,14 @@ RECIPES = (
     Recipe("text_lora", "a LoRA on the CLIP text encoder besides the token", lambda cfg: {"text_encoder_mode": "lora"}),
     Recipe("longer", "1.5x the steps: more validated steps for a subject that learns slowly",
            lambda cfg: {"train_step": round(1.5 * int(cfg.train_step))}),
+    # the parameter axis: fewer changed parameters at (hopefully) the same identity
+    Recipe("low_rank", "U-ViT LoRA at an eighth of the rank (alpha scaled alike): an eighth of the changed parameters",
+           lambda cfg: {"adapter": "lora", "rank": max(1, int(cfg.rank) // 8), "alpha": float(cfg.alpha) / 8}),
+    Recipe("vera", "VeRA on the same targets: only per-layer scaling vectors train (rank + output size per "
+           "layer), the shared projections are seeded", lambda cfg: {"adapter": "vera"}),
+    Recipe("lokr", "LoKr (Kronecker product) at the config's rank on the same targets", lambda cfg: {"adapter": "lokr"}),
+    Recipe("text_only", "no U-ViT adapter: the token and a LoRA on the CLIP text encoder carry the identity",
+           lambda cfg: {"adapter": "none", "text_encoder_mode": "lora"}),
 )
 RECIPE_NAMES = tuple(recipe.name for recipe in RECIPES)
 
@@ -96,11 +120,13 @@ def plan_candidates(config: ml_collections.ConfigDict, work: Path) -> list[Candi
         recipe = by_name[name]
         changes = {k: v for k, v in recipe.changes(cfg).items() if cfg[k] != v}
         candidate_config = copy.deepcopy(config)
-        candidate_config.train.update(auto_recipe=False, **changes)
+        candidate_config.train.update(auto_recipe=False, auto_devices="", **changes)
         candidate = Candidate(recipe, candidate_config, changes, work / name, RUN)
         same = next((c for c in candidates if c.config.train.to_dict() == candidate_config.train.to_dict()), None)
         if same is not None:
             candidate.status = f"{DUPLICATE} of {same.recipe.name}"
+        elif cfg.auto_max_parameters and planned_parameters(candidate_config) > int(cfg.auto_max_parameters):
+            candidate.status = OVER_PARAMETERS
         elif used + candidate.steps > int(cfg.auto_budget):
             candidate.status = OVER_BUDGET
         else:
@@ -132,6 +158,7 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
     if resume not in (None, "latest"):
         raise TrainingError("--auto_recipe continues a search with --resume latest (each recipe from its own checkpoint)")
     plan = make_plan(config, data_dir, out_dir, resume, overwrite)
+    devices = parse_devices(cfg.auto_devices) if cfg.auto_devices else None
     out, work = plan.out_dir, plan.out_dir / AUTO_DIR
     candidates = plan_candidates(config, work)
     if not any(c.status == RUN for c in candidates):
@@ -144,11 +171,14 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
         raise TrainingError(f"{out} holds an unfinished recipe search ({work}); pass --resume latest to continue it "
                             "or --overwrite to start over")
     state = PartialState()
+    if devices is not None and state.num_processes > 1:
+        raise TrainingError("--auto_devices starts one process per device itself: run train.py directly, not under "
+                            "a multi-process accelerate launch")
     if state.is_main_process:
         if overwrite:
             shutil.rmtree(work, ignore_errors=True)
         prepare_output(out, overwrite)
-        if score_fn is None:
+        if score_fn is None and devices is None:  # each device's process scores its own recipes
             score_fn = MetricScorer(config, cfg.validation_face_backend, str(state.device))
     state.wait_for_everyone()
 
@@ -158,6 +188,10 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
             candidate.status = FAILED
     table_rows(candidates, float(cfg.auto_param_penalty))  # every finished recipe's record checked before training
     todo = [c for c in candidates if c.status == RUN and not c.finished]
+    if devices is not None and todo:
+        _train_on_devices(todo, devices, plan.data_dir, work, mixed_precision)
+        _drop_losers(candidates, float(cfg.auto_param_penalty))
+        todo = []
     for number, candidate in enumerate(todo, 1):
         changed = ", ".join(f"{k}={v}" for k, v in candidate.changes.items()) or "no changes"
         print(f"=== recipe {candidate.recipe.name} ({number}/{len(todo)} to train): {changed}; {candidate.steps} steps")
@@ -196,16 +230,40 @@ def read_failures(work: Path) -> dict[str, str]:
     return failures
 
 
+def _train_on_devices(todo: list[Candidate], devices: list[str], data_dir: Path, work: Path,
+                      mixed_precision: str | None) -> None:
+    """The recipes as processes over `devices` (libs/devices.py), each exactly the serial search's run;
+    the first failure is raised once every recipe has ended (the others finish and are kept)."""
+    from libs.train.recipe_worker import write_job  # the worker's module, run with -m: not imported with the package
+
+    logs = work / LOG_DIR
+    jobs = []
+    for candidate in todo:
+        job_file = logs / f"{candidate.recipe.name}.job.json"
+        write_job(job_file, candidate.config, data_dir.resolve(), candidate.folder.resolve(), mixed_precision)
+        jobs.append(Job(candidate.recipe.name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file)],
+                        logs / f"{candidate.recipe.name}.log", REPO_ROOT))
+    print(f"=== {len(jobs)} recipes on {len(devices)} devices ({', '.join(devices)}); each one's output in {logs}")
+    failures = run_on_devices(jobs, devices)
+    if failures:
+        first = failures[0]
+        others = f"; {len(failures) - 1} more failed ({', '.join(f.job.name for f in failures[1:])})" if failures[1:] else ""
+        raise TrainingError(f"recipe {first.job.name} failed on {first.device} (exit {first.returncode}){others}; the "
+                            f"other recipes finished and are kept. The end of {first.job.log}:\n{log_tail(first.job.log)}\n"
+                            "fix it, then rerun with --resume latest (finished recipes are not trained again)")
+
+
 def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, Any]]:
     """One row per candidate; finished ones with their best step, its scores, parameters and score."""
     rows = []
     for candidate in candidates:
         row: dict[str, Any] = {"recipe": candidate.recipe.name, "status": candidate.status,
-                               "changes": json.dumps(candidate.changes), "train_step": candidate.steps}
+                               "changes": json.dumps(candidate.changes), "adapter": candidate.config.train.adapter,
+                               "train_step": candidate.steps}
         if candidate.status == RUN and candidate.finished:
             chosen, scores, parameters = _recipe_result(candidate.folder)
-            row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")}, parameters=parameters,
-                       penalty=penalty * parameters / 1e6)
+            row.update(best_step=chosen, **{k: scores.get(k) for k in (*METRICS, "objective")},
+                       changed_parameters=parameters, penalty=penalty * parameters / 1e6)
             row["score"] = scores["objective"] - row["penalty"] if "objective" in scores else None
         rows.append(row)
     scored = [row for row in rows if row.get("score") is not None]
@@ -244,13 +302,17 @@ def _drop_losers(candidates: list[Candidate], penalty: float) -> None:
 def _write_result(out: Path, work: Path, candidates: list[Candidate], rows: list[dict[str, Any]],
                   config: ml_collections.ConfigDict) -> None:
     """table.csv, then the winner's files into `out`, personalization.json last (it marks the search finished)."""
-    columns = ["recipe", "status", "changes", "train_step", "best_step", *METRICS, "objective", "parameters",
-               "penalty", "score", "winner"]
+    columns = ["recipe", "status", "changes", "adapter", "train_step", "best_step", *METRICS, "objective",
+               "changed_parameters", "penalty", "score", "winner"]
     with atomic_path(work / TABLE_FILE) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         writer.writerows(rows)
+    plot_frontier(rows, work / FRONTIER_FILE, str(config.train.objective))
     print("\n".join(_table_lines(rows)))
+    report = search_report.write_search_report(work, rows, {c.recipe.name: c.recipe.what for c in candidates},
+                                               float(config.train.auto_param_penalty))
+    print(f"search report: {report}")
     winner = next((c for c, row in zip(candidates, rows) if row["winner"]), None)
     if winner is None:
         raise TrainingError(f"no recipe finished: {', '.join(f'{c.recipe.name} {c.status}' for c in candidates)} "
@@ -282,5 +344,5 @@ def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
             continue
         lines.append(f"{row['recipe']:<16} {row['status']:<22} {row['best_step']:>9} {row['sim_face']:>8.3f} "
                      f"{row['edit_face']:>9.3f} {row['edit_clip_text']:>7.3f} {row['objective']:>9.4f} "
-                     f"{row['parameters']:>11,} {row['score']:>8.4f}" + ("  <- winner" if row["winner"] else ""))
+                     f"{row['changed_parameters']:>11,} {row['score']:>8.4f}" + ("  <- winner" if row["winner"] else ""))
     return lines

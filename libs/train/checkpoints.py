@@ -2,6 +2,7 @@
 
     <out>/checkpoints/checkpoint-000300/
         trainable.safetensors   the trained tensors (LoRA, token rows, text-encoder weights)
+        ema.safetensors         their moving average, with --ema_decay (libs/train/ema.py)
         optimizer.pt            optimizer, learning-rate scheduler and loss-scaler state
         training_state.json     the step, the recipe and the photos' hashes
 
@@ -24,7 +25,8 @@ from torch import nn
 
 from libs.files import (CheckpointError, key_mismatches, load_json, load_safetensors, safe_torch_load, save_json,
                              save_safetensors, save_torch)
-from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, checkpoint_path,
+from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
+                               checkpoint_path,
                                list_checkpoints)
 
 # keys that may change when a run is resumed (a list of names, like loading.py's _LDM_ORDER: data, not a twin): they do not change what a step computes (nor how a validated
@@ -32,7 +34,8 @@ from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_
 RESUMABLE_CHANGES = ("train_step", "log_every", "checkpointing_steps", "checkpoints_total_limit", "keep_checkpoints",
                      "validation_steps", "validation_batch_size", "cache_latents", "cache_dir", "encode_batch_size",
                      "gradient_checkpointing", "compile", "auto_recipe", "auto_recipes", "auto_budget",
-                     "auto_param_penalty")
+                     "auto_param_penalty", "auto_max_parameters",
+                     "auto_devices")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -54,16 +57,19 @@ def load_trainable(model: nn.Module, path: Path, what: str = "trained tensors", 
 
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, scaler: Any, state: dict[str, Any], keep: int) -> Path:
+                    scheduler: Any, scaler: Any, state: dict[str, Any], keep: int,
+                    ema: dict[str, torch.Tensor] | None = None) -> Path:
     """Trainable tensors, optimizer/scheduler/loss-scaler state and the recipe, written to a temporary
     folder and renamed into place; then all but the newest `keep` checkpoints are removed. A write that
     fails (a full disk) removes its temporary folder and says which checkpoint a resume would use."""
-    return _write_checkpoint(out_dir, step, _host_copy(model, optimizer, scheduler, scaler), state, keep)
+    return _write_checkpoint(out_dir, step, _host_copy(model, optimizer, scheduler, scaler, ema), state, keep)
 
 
-def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any) -> dict[str, Any]:
+def _host_copy(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+               ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """What a checkpoint holds, copied to the host now: later steps may change the originals in place."""
     return {"weights": {n: t.to("cpu", copy=True) for n, t in trainable_state(model).items()},
+            "ema": None if ema is None else {n: t.to("cpu", copy=True) for n, t in ema.items()},
             "rest": {"optimizer": _to_host(optimizer.state_dict()), "scheduler": copy.deepcopy(scheduler.state_dict()),
                      "scaler": scaler.state_dict() if scaler is not None else None}}
 
@@ -86,6 +92,8 @@ def _write_checkpoint(out_dir: Path, step: int, contents: dict[str, Any], state:
     try:
         tmp.mkdir(parents=True)
         save_safetensors(contents["weights"], tmp / CHECKPOINT_WEIGHTS)
+        if contents.get("ema") is not None:
+            save_safetensors(contents["ema"], tmp / CHECKPOINT_EMA)
         save_torch(contents["rest"], tmp / CHECKPOINT_OPTIMIZER)
         save_json({**state, "step": step}, tmp / CHECKPOINT_STATE)
     except OSError as error:
@@ -118,9 +126,9 @@ class CheckpointWriter:
         self._error: BaseException | None = None
 
     def save(self, out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-             scaler: Any, state: dict[str, Any], keep: int) -> None:
+             scaler: Any, state: dict[str, Any], keep: int, ema: dict[str, torch.Tensor] | None = None) -> None:
         self.wait()
-        contents = _host_copy(model, optimizer, scheduler, scaler)
+        contents = _host_copy(model, optimizer, scheduler, scaler, ema)
         if not self.background:
             _write_checkpoint(out_dir, step, contents, state, keep)
             return

@@ -4,6 +4,7 @@ with the chosen step marked. matplotlib (Agg, no display) is imported only when 
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from libs.files import atomic_path
@@ -48,7 +49,9 @@ def plot_curves(log_path: Path, path: Path, chosen_step: int | None = None, obje
                           linewidth=1 if key == "loss" else 1.5)
         if chosen_step is not None:
             axis.axvline(chosen_step, color="grey", linestyle="--", linewidth=1, label=f"chosen: step {chosen_step}")
-        axis.set_title(f"{title}: {objective}" if "objective" in keys and objective else title, fontsize=10)
+        heading = f"{title}: {objective}" if "objective" in keys and objective else title
+        axis.set_title(textwrap.fill(heading, 60), fontsize=10)  # a long objective wraps instead of being cut
+        axis.ticklabel_format(axis="y", useOffset=False)
         axis.set_xlabel("step")
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.grid(alpha=0.3)

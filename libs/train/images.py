@@ -81,18 +81,30 @@ def square_crop(image: Image.Image, resolution: int, face_box: Box | None = None
     """Resize the short side to `resolution` (aspect ratio kept), then cut the square: centred on the
     face along the long side when a face box is given (slid to stay inside), else centred. The framing
     depends only on the size and the box, so a mask cut with the same arguments lines up with its photo."""
-    width, height = image.size
+    new_w, new_h, left, top = _square_window(image.size, resolution, face_box)
+    resized = image.resize((new_w, new_h), resample) if (new_w, new_h) != image.size else image
+    return resized.crop((left, top, left + resolution, top + resolution))
+
+
+def training_square(size: tuple[int, int], resolution: int, face_box: Box | None = None) -> Box:
+    """The square `square_crop` cuts, in the photo's own pixels (what the reports draw on a photo)."""
+    new_w, new_h, left, top = _square_window(size, resolution, face_box)
+    sx, sy = size[0] / new_w, size[1] / new_h
+    return (left * sx, top * sy, (left + resolution) * sx, (top + resolution) * sy)
+
+
+def _square_window(size: tuple[int, int], resolution: int, face_box: Box | None) -> tuple[int, int, int, int]:
+    """(resized width, resized height, left, top) of the training square: short side to `resolution`."""
+    width, height = size
     scale = resolution / min(width, height)
     new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
-    resized = image.resize((new_w, new_h), resample) if (new_w, new_h) != (width, height) else image
     left, top = (new_w - resolution) / 2, (new_h - resolution) / 2
     if face_box is not None:
         cx = (face_box[0] + face_box[2]) / 2 * new_w / width
         cy = (face_box[1] + face_box[3]) / 2 * new_h / height
         left = min(max(cx - resolution / 2, 0), new_w - resolution)
         top = min(max(cy - resolution / 2, 0), new_h - resolution)
-    left, top = round(left), round(top)
-    return resized.crop((left, top, left + resolution, top + resolution))
+    return new_w, new_h, round(left), round(top)
 
 
 def load_instance_images(folder: str | Path, resolution: int, crop: str = "face",

@@ -60,6 +60,23 @@ class RunLog:
             self.writer.close()
 
 
+def read_log(out: Path) -> list[dict[str, Any]]:
+    """The log lines of a run folder in order (training lines and validation lines share a step); a line
+    that is not a JSON object with a step (a run killed mid-write) is left out."""
+    path = Path(out) / LOG_DIR / LOG_FILE
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            lines.append(record)
+    return lines
+
+
 def step_logs(accelerator: Any, loss: Tensor, terms: dict[str, Tensor], scheduler: Any, grad_norm: Tensor | None,
               elapsed: float) -> dict[str, float]:
     """A step's log line: loss and its terms averaged over the processes, learning rates, gradient norm, time."""

@@ -27,9 +27,11 @@ from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.stopping import StopSignals, resume_command
+from libs.train import run_report
 from libs.train.batches import BatchMaker, dropout_seed, loss_terms, total_loss
 from libs.train.checkpoints import CheckpointWriter, load_checkpoint, read_checkpoint_state, recipe_differences
 from libs.train.curves import plot_curves
+from libs.train.ema import Ema
 from libs.train.encodings import build_data, describe_sources
 from libs.train.images import load_class_images, load_instance_images
 from libs.train.metrics import MetricScorer, ScoreFn
@@ -41,8 +43,8 @@ from libs.train.records import personalization_meta, write_run_file
 from libs.train.summary import start_summary
 from libs.train.selection import Selection
 from libs.train.validation import Validation
-from libs.train_output import (CHECKPOINT_DIR, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR, list_checkpoints,
-                               prepare_output, remove_checkpoints)
+from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR,
+                               list_checkpoints, prepare_output, remove_checkpoints)
 
 
 @dataclass
@@ -143,11 +145,13 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     model, optimizer = accelerator.prepare(models.model, optimizer)
     unwrapped: JointNoisePredictor = accelerator.unwrap_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    ema = Ema(unwrapped, float(cfg.ema_decay))
     checkpoint_state = {"recipe": plan.recipe(), "images": [s["sha256"] for s in sources]}
     selection = Selection(plan.out_dir, cfg.selection, cfg.objective)
     start_step = 0
     if plan.resume_from is not None:
         start_step, saved = _resume(plan, unwrapped, optimizer, scheduler, accelerator.scaler, checkpoint_state)
+        ema.load(plan.resume_from / CHECKPOINT_EMA)
         if start_step == cfg.train_step and plan.finished:
             log(f"{plan.out_dir} is already trained to step {start_step}: nothing to do")
             return None
@@ -164,13 +168,15 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
 
     def save_checkpoint(step: int) -> None:
         checkpoints.save(plan.out_dir, step, unwrapped, optimizer, scheduler, accelerator.scaler,
-                         {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit))
+                         {**checkpoint_state, "selection": selection.state()}, int(cfg.checkpoints_total_limit),
+                         ema.state())
         selection.prune()  # keeps what the checkpoints on disk and the one being written refer to
 
     stop.deferring = True
     try:
         if start_step == 0:
-            validation(0)
+            with ema.applied():
+                validation(0)
         bar = tqdm(range(start_step + 1, int(cfg.train_step) + 1), initial=start_step, total=int(cfg.train_step),
                    desc=f"train {plan.out_dir.name}", unit="step", disable=not accelerator.is_main_process)
         for step in bar:
@@ -184,6 +190,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            ema.update()
 
             logs: dict[str, float] = {}
             if step % cfg.log_every == 0 or step == cfg.train_step:
@@ -201,7 +208,8 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 raise _diverged(plan, step, "the trained weights hold NaN or inf values", checkpoints)
             # validated before the checkpoint of the same step, so a checkpoint holds its step's scores
             if validate_now:
-                validation(step)
+                with ema.applied():  # the average is what is rendered, scored and kept as a candidate
+                    validation(step)
             if accelerator.is_main_process and checkpoint_now:
                 save_checkpoint(step)
             if on_step is not None:
@@ -220,6 +228,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     files: list[Path] = []
     record: dict[str, Any] = {}
     if accelerator.is_main_process:
+        ema.copy_to_model()  # the last step's average, unless selection loads another step's candidate
         record = selection.finish(unwrapped, int(cfg.train_step), keep_pinned=bool(cfg.keep_checkpoints))
         meta = personalization_meta(plan, models, trainable_parameters, data.warnings, record)
         files = save_personalization(plan.out_dir, meta, unwrapped.nnet, unwrapped.text_encoder)
@@ -228,10 +237,11 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
         if cfg.validation_steps:
             plot_curves(run_log.path, plan.out_dir / VALIDATION_DIR / CURVES_FILE, record["chosen_step"],
                         record["objective_used"])
+        report = run_report.write_run_report(plan.out_dir)
         size = sum(f.stat().st_size for f in files) / 2**20
         log(f"wrote {plan.out_dir}: {', '.join(f.name for f in files)} ({size:.1f} MiB), the adapters of step "
             f"{record['chosen_step']} ({record['reason']}); {trainable_parameters:,} trained parameters; "
-            f"{time.perf_counter() - started:.0f}s")
+            f"{time.perf_counter() - started:.0f}s\nrun report: {report}")
     accelerator.wait_for_everyone()
     return TrainResult(plan.out_dir, int(cfg.train_step), trainable_parameters, files, record)
 

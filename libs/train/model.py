@@ -9,6 +9,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from libs.adapters.families import AdapterSpec, add_adapter
 from libs.adapters.lora import LoraSpec, add_lora, text_lora_modules, uvit_lora_modules
 from libs.models.loading import load_autoencoder, load_caption_decoder, load_text_encoder, load_uvit
 from libs.train.plan import Plan, TrainingError
@@ -49,11 +50,11 @@ class JointNoisePredictor(nn.Module):
 
 @dataclass
 class Models:
-    """The model being trained, the frozen VAE, and the LoRA settings personalization.json records."""
+    """The model being trained, the frozen VAE, and the adapter settings personalization.json records."""
 
     model: JointNoisePredictor
     autoencoder: nn.Module
-    uvit_spec: LoraSpec
+    uvit_spec: AdapterSpec | None  # None: --adapter none
     text_spec: LoraSpec | None
 
     def trainable(self) -> list[tuple[str, nn.Parameter]]:
@@ -61,13 +62,14 @@ class Models:
 
 
 def build_models(plan: Plan, device: torch.device, weight_dtype: torch.dtype) -> Models:
-    """Base towers frozen in `weight_dtype`; LoRA, token rows and trained text weights in fp32."""
+    """Base towers frozen in `weight_dtype`; adapters, token rows and trained text weights in fp32."""
     config = plan.config
     cfg = config.train
     nnet = load_uvit(config, "cpu", torch.float32)
-    uvit_spec = LoraSpec(r=int(cfg.rank), alpha=float(cfg.alpha), dropout=float(cfg.lora_dropout),
-                         target_modules=uvit_lora_modules(nnet, list(cfg.lora_targets)))
-    add_lora(nnet, uvit_spec)
+    uvit_spec = None
+    if cfg.adapter != "none":
+        uvit_spec = AdapterSpec.from_config(cfg, uvit_lora_modules(nnet, list(cfg.lora_targets)), int(config.seed))
+        add_adapter(nnet, uvit_spec)
     nnet.set_gradient_checkpointing(bool(cfg.gradient_checkpointing))
 
     text_encoder = load_text_encoder(config, "cpu")
@@ -86,7 +88,7 @@ def build_models(plan: Plan, device: torch.device, weight_dtype: torch.dtype) ->
 
     model = JointNoisePredictor(nnet, text_encoder, caption_prefix, int(config.data_type)).requires_grad_(False)
     for name, param in nnet.named_parameters():
-        param.requires_grad_("lora_" in name)
+        param.requires_grad_(uvit_spec is not None and uvit_spec.prefix in name)
     if plan.token:
         text_encoder.token_embedding.extra_weight.requires_grad_(True)
     if mode == "lora":

@@ -61,6 +61,9 @@ def make_plan(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: 
                          if dotted.startswith("train.")):
         if cfg[key] not in allowed:
             raise TrainingError(f"{key} {cfg[key]!r} not in {allowed}")
+    if cfg.adapter == "none" and cfg.text_encoder_mode == "frozen":
+        raise TrainingError("adapter none with text_encoder_mode frozen trains nothing: choose an --adapter or a "
+                            "--text_encoder_mode other than frozen")
     if "text_out" in cfg.lora_targets:
         raise TrainingError("LoRA target text_out never gets a gradient from the text-to-image loss (the text is "
                             "clean, t_text = 0): leave it out")

@@ -3,6 +3,7 @@ meta record of what was trained. The logs are libs/train/logs.py, the start summ
 the folder's names libs/train_output.py's."""
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 from libs.files import cached_sha256, save_json
 from libs.config import REPO_ROOT
+from libs.personalization import adapter_meta
 from libs.train.model import Models
 from libs.train.plan import Plan
 from libs.train_output import RUN_FILE
@@ -24,8 +26,18 @@ def write_run_file(plan: Plan, accelerator: Any, trainable: int, sources: list[d
     save_json({"config": plan.config.to_dict(), "data_dir": str(plan.data_dir), "class_dir": str(plan.class_dir),
                "instance_prompt": plan.instance_prompt, "class_word": plan.class_word,
                "mixed_precision": accelerator.mixed_precision, "num_processes": accelerator.num_processes,
+               "device": str(accelerator.device),
                "trainable_parameters": trainable, "images": sources, "command": sys.argv,
                "versions": package_versions()}, plan.out_dir / RUN_FILE)
+
+
+def read_run_file(out: Path) -> dict[str, Any] | None:
+    """train_config.json of a run folder; None when there is none or it is not a JSON object."""
+    try:
+        data = json.loads((Path(out) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def package_versions() -> dict[str, str]:
@@ -59,7 +71,7 @@ def personalization_meta(plan: Plan, models: Models, trainable: int, warnings: l
         "class_word": plan.class_word,
         "instance_prompt": plan.instance_prompt,
         "text_encoder_mode": cfg.text_encoder_mode,
-        "uvit_lora": models.uvit_spec.to_dict(),
+        **adapter_meta(models.uvit_spec),
         "uvit_lora_targets": list(cfg.lora_targets),
         "base_checkpoint": {"file": nnet_path.name, "sha256": cached_sha256(nnet_path)},
         "trainable_parameters": trainable,

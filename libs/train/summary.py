@@ -25,7 +25,7 @@ def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainIma
                      f"weight {cfg.prior_loss_weight}")
     else:
         lines.append("prior preservation: off")
-    lines.append(f"training: {trainable:,} parameters (U-ViT LoRA r={cfg.rank} on {len(cfg.lora_targets)} target "
+    lines.append(f"training: {trainable:,} parameters (U-ViT {cfg.adapter} adapter on {len(cfg.lora_targets)} target "
                  f"kinds, text encoder {cfg.text_encoder_mode}); {cfg.train_step} steps x "
                  f"({cfg.batch_size}{f' + {cfg.class_batch_size}' if classes else ''}) x "
                  f"{accelerator.num_processes} process(es); {accelerator.mixed_precision} on {accelerator.device}; "

@@ -6,7 +6,8 @@ step 0 (the base model is no candidate and costs a render), also the competition
 the validation set rendered in batches with the sampler sample.py uses (fewer solver steps:
 `validation_sample_steps`), written in the competition's layout, scored, logged (JSONL + TensorBoard),
 drawn as a grid per step and handed to the best-step selection (libs/train/selection.py). The curves
-(libs/train/curves.py) are drawn once, at the end of the run, from the log.
+(libs/train/curves.py) are drawn from the log after each such validation, and the run report
+(libs/train/run_report.py) is refreshed after every validation.
 """
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ from libs.grids import image_grid
 from libs.photos import open_image
 from libs.precision import autocast
 from libs.sample.files import save_jpeg
+from libs.train import run_report
 from libs.sample.pipeline import T2IPipeline
 from libs.layout import ADVANCED_SPLITS
 from libs.train.batches import STREAM_EVAL, Batch, loss_terms, noisy_batch
+from libs.train.curves import plot_curves
 from libs.train.encodings import TrainData
 from libs.train.metrics import ScoreFn
 from libs.train.validation_set import Rendered, ValidationSet
@@ -33,7 +36,7 @@ from libs.train.model import JointNoisePredictor
 from libs.train.plan import Plan
 from libs.train.logs import RunLog
 from libs.train.selection import Selection
-from libs.train_output import VALIDATION_DIR, validation_grid, validation_step_dir
+from libs.train_output import CURVES_FILE, VALIDATION_DIR, validation_grid, validation_step_dir
 
 EVAL_TIMESTEPS = (100, 300, 500, 700, 900)  # the fixed-noise loss: one pass per timestep over the photos
 GRID_CELL = 256
@@ -108,6 +111,10 @@ class Validation:
                          f"{' (best so far)' if self.selection.best == step else ''}")
             self.run_log.write(step, record)
             accelerator.print(line)
+            if self.metric and step > 0:
+                plot_curves(self.run_log.path, self.folder / CURVES_FILE, self.selection.best,
+                            str(self.selection.used_objective))
+            run_report.write_run_report(self.plan.out_dir, running=self.selection)  # watchable while the run goes on
         accelerator.wait_for_everyone()
 
     def _judge(self, step: int) -> dict[str, Any]:

@@ -1,0 +1,126 @@
+"""Training runs spread over devices, one process per device (`--auto_devices`, `train.sh --devices`).
+
+A device list is `cuda:0,cuda:1,...` or, on a machine without GPUs, `cpu,cpu` (several CPU processes). Each
+process sees only its device (CUDA_VISIBLE_DEVICES), so the code inside it is the one-device code: a run's
+numbers do not depend on where it ran. Jobs are handed out in order to whichever device is free; every job
+runs to its end even when another fails, and the failures are returned for the caller to report.
+
+    python -m libs.devices cuda:0,cpu     prints "<device> <CUDA_VISIBLE_DEVICES value>" per device
+                                                (train.sh reads it; a bad list is one `error:` line, exit 2)
+"""
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from libs.errors import UserError, run_cli
+
+
+class DeviceError(UserError):
+    """A device list naming a device this machine does not have."""
+
+
+def parse_devices(text: str) -> list[str]:
+    """`cuda:0,cuda:1` / `cpu,cpu` -> the device names, each one that exists here (a DeviceError otherwise)."""
+    from libs.sample.pipeline import resolve_device
+
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not names:
+        raise DeviceError(f"device list {text!r} is empty: give e.g. cuda:0,cuda:1 or cpu,cpu")
+    devices = []
+    for name in names:
+        try:
+            device = resolve_device(name)
+        except UserError as error:
+            raise DeviceError(f"device list {text!r}: {error}") from error
+        if device.type not in ("cpu", "cuda"):
+            raise DeviceError(f"device list {text!r}: {name} is neither cpu nor cuda[:N]")
+        devices.append(str(device) if device.type == "cpu" or device.index is not None else "cuda:0")
+    return devices
+
+
+def visible_devices(device: str) -> str:
+    """CUDA_VISIBLE_DEVICES for a process bound to `device`: its GPU index, or none for cpu."""
+    return device.split(":", 1)[1] if device.startswith("cuda:") else ""
+
+
+def device_environment(device: str, devices: Sequence[str]) -> dict[str, str]:
+    """The environment of a process bound to `device`; CPU processes share the cores (unless OMP_NUM_THREADS
+    is set already)."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": visible_devices(device)}
+    cpu_processes = sum(d == "cpu" for d in devices)
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, cpu_processes)))
+    return env
+
+
+@dataclass
+class Job:
+    name: str
+    command: list[str]
+    log: Path
+    cwd: Path | None = None
+
+
+@dataclass
+class Failure:
+    job: Job
+    device: str
+    returncode: int
+
+
+def run_on_devices(jobs: Sequence[Job], devices: Sequence[str]) -> list[Failure]:
+    """Run every job as a process on the first free device (its output into its log); returns the failures
+    in job order. Ctrl-C reaches the processes too (same process group) and ends the wait."""
+    todo: queue.Queue[int] = queue.Queue()
+    for index in range(len(jobs)):
+        todo.put(index)
+    failures: dict[int, Failure] = {}
+
+    def worker(device: str) -> None:
+        while True:
+            try:
+                index = todo.get_nowait()
+            except queue.Empty:
+                return
+            job = jobs[index]
+            job.log.parent.mkdir(parents=True, exist_ok=True)
+            with open(job.log, "w") as log:
+                print(f"=== {job.name} on {device}: {' '.join(job.command)}", file=log, flush=True)
+                code = subprocess.call(job.command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd,
+                                       env=device_environment(device, devices))
+            if code != 0:
+                failures[index] = Failure(job, device, code)
+
+    threads = [threading.Thread(target=worker, args=(device,), name=f"device-{device}") for device in devices]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [failures[index] for index in sorted(failures)]
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a job's log (what a failure report shows)."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def main(argv: Sequence[str]) -> None:
+    """train.sh's check: one line per device, `<device> <CUDA_VISIBLE_DEVICES>`."""
+    if len(argv) != 1:
+        raise DeviceError("usage: python -m libs.devices <device>[,<device>...]")
+    for device in parse_devices(argv[0]):
+        print(device, visible_devices(device) or "-")
+
+
+if __name__ == "__main__":
+    run_cli(lambda: main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+"""Runs spread over devices (libs/devices.py): the device list is checked before anything runs, and
+`train.sh --devices cpu,cpu` trains the four subjects concurrently into the personalizations a serial train.sh
+writes, with per-subject logs, every subject running to its end when one fails."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from entrypoints import script_repo
+from libs.layout import SUBJECTS
+from libs.devices import DeviceError, Job, parse_devices, run_on_devices
+from libs.train_output import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
+
+
+def test_a_device_list_names_devices_that_exist():
+    assert parse_devices("cpu, cpu") == ["cpu", "cpu"]
+    for bad in ("gpu7", "", "cpu,tpu"):
+        with pytest.raises(DeviceError, match="device list"):
+            parse_devices(bad)
+
+
+def test_jobs_run_on_every_device_and_failures_are_returned_in_order(tmp_path):
+    jobs = [Job(f"job{i}", [sys.executable, "-c", f"import sys, os; print(os.environ['CUDA_VISIBLE_DEVICES'] == ''); "
+                                              f"sys.exit({1 if i in (1, 3) else 0})"], tmp_path / f"job{i}.log")
+            for i in range(5)]
+    failures = run_on_devices(jobs, ["cpu", "cpu"])
+    assert [(f.job.name, f.returncode) for f in failures] == [("job1", 1), ("job3", 1)]
+    assert all(job.log.read_text().splitlines()[-1] == "True" for job in jobs)  # cpu processes see no GPU
+
+
+def run_train_sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+    return subprocess.run([str(repo / "train.sh"), *args], cwd=repo.parent, capture_output=True, text=True, env=env,
+                          timeout=900)
+
+
+def test_train_sh_refuses_an_unknown_device_before_training(tmp_path, tiny_config_file):
+    repo = script_repo(tmp_path / "repo")
+    done = run_train_sh(repo, "--devices", "gpu7", "--config", str(tiny_config_file))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert [line for line in done.stderr.splitlines() if line.startswith("error:")] == [
+        "error: device list 'gpu7': unknown device 'gpu7': use cpu, cuda or cuda:N"]
+    assert not (repo / "model_output").exists()
+
+
+@pytest.mark.slow
+def test_train_sh_on_two_cpu_processes_writes_the_serial_personalizations(tmp_path, tiny_config_file, public_photos):
+    folders = {}
+    for mode in ("serial", "devices"):
+        repo = script_repo(tmp_path / mode)
+        for name in SUBJECTS:
+            (repo / "train_data" / name).mkdir(parents=True)
+            public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
+        folders[mode] = repo / "model_output"
+    common = ["--config", str(tiny_config_file), "--train_step", "1"]
+    serial = run_train_sh(tmp_path / "serial", *common)
+    assert serial.returncode == 0, serial.stderr[-3000:]
+
+    # one subject's photo is unreadable: it fails, the three others still finish, the failure names it
+    broken = tmp_path / "devices" / "train_data" / "girl1" / "a.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"not an image")
+    first = run_train_sh(tmp_path / "devices", "--devices", "cpu,cpu", *common)
+    assert first.returncode == 1
+    assert "training girl1 failed on cpu" in first.stderr and "cannot read image" in first.stderr
+    assert all((folders["devices"] / name / META_FILE).is_file() for name in SUBJECTS if name != "girl1")
+    broken.write_bytes(good)
+    second = run_train_sh(tmp_path / "devices", "--devices", "cpu,cpu", *common)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("=== ") == 2 * len(SUBJECTS)  # start and done per subject
+
+    for name in SUBJECTS:
+        log = folders["devices"] / name / "logs" / "train_sh.log"
+        assert log.is_file() and ("nothing to resume" in log.read_text()) == (name != "girl1")
+        for file in (UVIT_LORA_FILE, TOKEN_FILE):
+            assert (folders["devices"] / name / file).read_bytes() == (folders["serial"] / name / file).read_bytes(), \
+                (name, file)
