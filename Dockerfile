@@ -14,7 +14,10 @@ ENV PYTHONUNBUFFERED=1 \
 
 WORKDIR /workspace
 
-# the base image's CUDA torch satisfies requirements.txt's torch range, so pip keeps it
+# the base image's CUDA torch satisfies requirements.txt's torch range, so pip keeps it; requirements-nodeps.txt
+# holds insightface, whose declared GUI opencv-python (cv2 linking libxcb/libGL) must not come in: the only OpenCV
+# is opencv-python-headless, and no system library is needed on top of the base (`make image-check` proves it
+# in a bare Debian root)
 COPY requirements.txt requirements-nodeps.txt ./
 RUN pip install -r requirements.txt && pip install --no-deps -r requirements-nodeps.txt
 

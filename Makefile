@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # on a GPU machine use e.g. `make setup TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"`
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup test test-fast demo demo-search tiny-world submission clean
+.PHONY: setup test test-fast demo demo-search tiny-world submission image-check clean
 
 setup: $(VENV)/.installed
 
@@ -16,6 +16,12 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt requirements-nodeps.tx
 	$(PY) -m pip install $(TORCH_SPEC)
 	$(PY) -m pip install -r requirements.txt -r requirements-dev.txt
 	$(PY) -m pip install --no-deps -r requirements-nodeps.txt
+	@# a setup before insightface moved to requirements-nodeps.txt left the GUI opencv-python, whose files
+	@# overwrote the headless build's cv2/: remove it, then put the headless files back
+	if $(PY) -m pip show -q opencv-python 2>/dev/null; then \
+		$(PY) -m pip uninstall -y opencv-python && \
+		$(PY) -m pip install --force-reinstall --no-deps "opencv-python-headless==$$($(PY) -c \
+			'import importlib.metadata as m; print(m.version("opencv-python-headless"))')"; fi
 	touch $@
 
 # the tests run torch on one thread each (tests/conftest.py), so each core runs a test of its own (pytest-xdist)
@@ -40,6 +46,11 @@ demo-search: setup
 # the submission image the organizers grade (needs Docker); ARGS="--dry-run" checks the inputs only
 submission: setup
 	$(PY) tools/make_submission.py $(ARGS)
+
+# the submission image replayed in a clean Debian root (mmdebstrap; needs root), the organizers' flow inside it
+# offline: README "Proving the submission image"
+image-check: setup
+	$(PY) tools/image_check.py --torch "$(TORCH_SPEC)"
 
 clean:
 	rm -rf tiny_world demo_run demo_search grade_run build .pytest_cache

@@ -30,9 +30,16 @@ GRADER_MOUNTS = (PROMPT_ROOTS[ADVANCED], TRAIN_DATA, "models")
 SAMPLE_ARGS_ENV = "UNIDIFFUSER_SAMPLE_ARGS"
 """sample.sh puts this variable's words before its own arguments: the image bakes the chosen sampling settings
 (e.g. best-of-N's `--candidates 4`) there, so the organizers' no-argument `./sample.sh` runs with them."""
-GRADER_COMMAND = ("/workspace/sample.sh > /workspace/results.log 2>&1; "
-                  "grep 'finetuned parameters' /workspace/results.log | awk '{s+=$(NF)} END {print s}'; "
-                  "python score.py")
+
+
+def grader_command(sample_args: str = "", score_args: str = "") -> str:
+    """The organizers' commands inside the image (no arguments); the tiny-world checks add theirs."""
+    return (f"/workspace/sample.sh{' ' + sample_args if sample_args else ''} > /workspace/results.log 2>&1; "
+            "grep 'finetuned parameters' /workspace/results.log | awk '{s+=$(NF)} END {print s}'; "
+            f"python score.py{' ' + score_args if score_args else ''}")
+
+
+GRADER_COMMAND = grader_command()
 
 
 @dataclass

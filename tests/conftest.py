@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from libs.config import load_config
+from libs.tiny_submission import tiny_world_config
 from libs.tiny_world import build_tiny_world
-from personalizations import write_personalization, write_subjects
+from libs.tiny_submission import write_personalization, write_subjects
 
 if TYPE_CHECKING:
     from libs.face import DlibBackend
@@ -49,17 +49,6 @@ def one_thread():
 def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder holding uvit_v1.pth, autoencoder_kl.pth, caption_decoder.pth and the two CLIP folders."""
     return build_tiny_world("tiny", tmp_path_factory.mktemp("tiny_world") / "models")
-
-
-def tiny_world_config(tiny_world: Path) -> ml_collections.ConfigDict:
-    """The tiny config with its weight paths pointing at the tiny world in `tiny_world`."""
-    config = load_config("tiny")
-    config.paths.nnet = str(tiny_world / "uvit_v1.pth")
-    config.paths.autoencoder = str(tiny_world / "autoencoder_kl.pth")
-    config.paths.caption_decoder = str(tiny_world / "caption_decoder.pth")
-    config.paths.clip_text = str(tiny_world / "clip-vit-large-patch14")
-    config.paths.clip_img = str(tiny_world / "clip-vit-base-patch32")
-    return config
 
 
 @pytest.fixture(scope="session")

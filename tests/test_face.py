@@ -3,74 +3,15 @@ detection code driven by a tiny ONNX model pack in buffalo_l's layout (the real 
 from __future__ import annotations
 
 import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from libs.face import (DLIB_SAME_PERSON_DISTANCE, DetectedFace, DlibBackend, FaceModelMissing, InsightFaceBackend,
                        get_face_backend)
-
-
-# --- a tiny insightface model pack -----------------------------------------------------------------
-
-TINY_KPS = (0.3, 0.35, 0.7, 0.35, 0.5, 0.55, 0.35, 0.75, 0.65, 0.75)  # 5 landmarks inside a 32x32 cell
-
-
-class TinyDetector(torch.nn.Module):
-    """SCRFD's output layout (strides 8/16/32, 2 anchors, boxes and 5 keypoints); fires only on stride-32
-    cells that are pure green, with the box exactly covering the cell."""
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        green = x[:, 1:2]  # insightface feeds (pixel - 127.5) / 128 in RGB order
-        scores, boxes, kps = [], [], []
-        for stride in (8, 16, 32):
-            pooled = F.avg_pool2d(green, stride, stride)
-            logit = 40 * (pooled - 0.9) if stride == 32 else pooled * 0 - 20
-            per_anchor = torch.cat([logit.reshape(-1, 1)] * 2, dim=1).reshape(-1, 1)
-            ones = per_anchor * 0 + 1
-            scores.append(torch.sigmoid(per_anchor))
-            boxes.append(torch.cat([ones * 0, ones * 0, ones, ones], dim=1))  # distances in stride units
-            kps.append(ones * torch.tensor(TINY_KPS))
-        return tuple(scores + boxes + kps)
-
-
-class TinyRecognizer(torch.nn.Module):
-    """ArcFace's interface (112x112 aligned crop -> embedding): a 4x4 pooling of the red and blue channels,
-    centred, so mirror-image patterns give a negative cosine."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = F.adaptive_avg_pool2d(x[:, [0, 2]], 4).flatten(1)
-        return pooled - pooled.mean(dim=1, keepdim=True)
-
-
-def write_tiny_insightface_pack(root: Path, model_name: str = "buffalo_l") -> Path:
-    """`root/models/<model_name>/{det,rec}_tiny.onnx`, which `FaceAnalysis(name, root)` loads as a pack."""
-    folder = root / "models" / model_name
-    folder.mkdir(parents=True, exist_ok=True)
-    outputs = [f"{kind}_{stride}" for kind in ("score", "bbox", "kps") for stride in (8, 16, 32)]
-    with warnings.catch_warnings():  # the legacy exporter's deprecation notes
-        warnings.simplefilter("ignore")
-        torch.onnx.export(TinyDetector(), torch.zeros(1, 3, 64, 64), str(folder / "det_tiny.onnx"), input_names=["input.1"],
-                          output_names=outputs, dynamic_axes={"input.1": {2: "height", 3: "width"}}, dynamo=False)
-        torch.onnx.export(TinyRecognizer(), torch.zeros(1, 3, 112, 112), str(folder / "rec_tiny.onnx"),
-                          input_names=["input.1"], output_names=["embedding"],
-                          dynamic_axes={"input.1": {0: "batch"}, "embedding": {0: "batch"}}, dynamo=False)
-    return folder
-
-
-def synthetic_face(red_side: str, size: int = 640, at: int = 320) -> np.ndarray:
-    """A black image with one 32x32 green "face" (what TinyDetector finds) whose left or right half is red:
-    the two variants are mirror images, so TinyRecognizer gives them a negative cosine."""
-    image = np.zeros((size, size, 3), np.uint8)
-    image[at:at + 32, at:at + 32, 1] = 255
-    columns = slice(at, at + 16) if red_side == "left" else slice(at + 16, at + 32)
-    image[at:at + 32, columns, 0] = 255
-    return image
+from libs.tiny_submission import synthetic_face, write_tiny_insightface_pack
 
 
 @pytest.fixture(scope="session")

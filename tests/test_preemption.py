@@ -30,7 +30,7 @@ from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe
 from libs.train import train as train_fn
 from libs.train_output import (AUTO_DIR, CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
                                META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints)
-from personalizations import write_personalization
+from libs.tiny_submission import write_personalization
 
 STEPS = 8
 RESULT_FILES = (UVIT_LORA_FILE, TOKEN_FILE)

@@ -26,7 +26,7 @@ from bench import bench_uvit
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.errors import run_cli
-from personalizations import write_personalization
+from libs.tiny_submission import write_personalization
 from test_reliability import tmpfs
 from tools import class_images, crop, demo, download, make_submission, tiny_world
 

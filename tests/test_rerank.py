@@ -21,7 +21,7 @@ from libs.sample.runs import SampleRun
 from libs.train_output import RUN_FILE
 from libs.score.report import REPORT_HTML, RESULTS_JSON
 from libs.score.scorer import Scorer
-from personalizations import write_personalization
+from libs.tiny_submission import write_personalization
 from test_sample_runs import COUNT_LINE, run_sample_sh, workspace
 
 PROMPTS = ["a boy standing in the wild", "a photo of a boy smiling"]
@@ -218,7 +218,7 @@ def test_a_single_run_defaults_to_the_photo_folder_train_py_recorded(restore, ph
 @pytest.mark.slow
 def test_sample_sh_with_two_candidates_renders_the_advanced_split(tmp_path, tiny_config_file, tiny_world, public_photos,
                                                                    monkeypatch, capsys):
-    from personalizations import write_subjects
+    from libs.tiny_submission import write_subjects
     from libs.layout import SUBJECTS
 
     trained = write_subjects(tiny_world_config(tiny_world), tmp_path / "trained")

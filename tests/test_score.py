@@ -24,13 +24,13 @@ from libs.face import DlibBackend, InsightFaceBackend
 from libs.photos import PhotoError
 from libs.photos import open_image as load_rgb
 from libs.prompts import image_name
+from libs.layout import SUBJECTS
 from libs.score.metrics import ADVANCED_KEYS, METRIC_NAMES, METRICS
 from libs.score.report import REPORT_HTML, RESULTS_CSV, RESULTS_JSON, write_reports
 from libs.score.results import ImageScore, PromptScore, ScoreResult, TaskResult
 from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, ScoringError, ScoringWarning, detect_runs, detect_split, score_outputs
-from libs.layout import SUBJECTS
+from libs.tiny_submission import synthetic_face, write_tiny_insightface_pack
 from libs.train.selection import METRICS as OBJECTIVE_METRICS
-from test_face import synthetic_face, write_tiny_insightface_pack
 
 LONG_PROMPT = "a photo of a woman astronaut, " * 12  # 86 CLIP tokens
 

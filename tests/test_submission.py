@@ -19,7 +19,8 @@ from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
 from libs.submission import SAMPLE_ARGS_ENV
-from test_face import synthetic_face, write_tiny_insightface_pack
+from libs.tiny_submission import (synthetic_face, tiny_world_config, write_grader_config, write_grader_mounts,
+                                  write_subjects, write_tiny_insightface_pack)
 
 NETWORK_BLOCKER = '''import os, socket
 
@@ -53,15 +54,6 @@ def project_copy(root: Path, trained: dict[str, Path]) -> Path:
 def run_tool(root: Path, argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *map(str, argv)], cwd=root, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
-
-
-def grader_config(path: Path) -> Path:
-    """The tiny world laid out as the organizers mount it: UniDiffuser's files in models/, CLIP elsewhere."""
-    path.write_text("from libs.config import load_config\n\n\ndef get_config():\n    config = load_config('tiny')\n"
-                    "    for key in ('nnet', 'autoencoder', 'caption_decoder', 'clip_text', 'clip_img'):\n"
-                    "        config.paths[key] = 'models/' + config.paths[key].rsplit('/', 1)[-1]\n"
-                    "    return config\n")
-    return path
 
 
 def test_model_folders_fall_back_to_the_baked_location(tmp_path, monkeypatch):
@@ -148,33 +140,21 @@ def test_grader_dry_run_on_the_tiny_world(tmp_path, tiny_world, subject_personal
     `finetuned parameters` lines and the score dict. With --candidates 2 the no-argument sample.sh runs best-of-2
     as the image bakes it, ranking with the baked insightface pack (a tiny one) against train_data/<name>/."""
     root = project_copy(tmp_path / "project", subject_personalizations)
-    mounts = tmp_path / "mounts"
-    models = mounts / "models"
-    models.mkdir(parents=True)
-    for name in ("uvit_v1.pth", "autoencoder_kl.pth", "caption_decoder.pth"):
-        shutil.copy(tiny_world / name, models / name)
+    photos = [public_photos["astronaut"], public_photos["grace_hopper"],
+              Image.fromarray(synthetic_face("left"))]  # the last: the face the tiny insightface pack finds
+    mounts = write_grader_mounts(tiny_world, tmp_path / "mounts", photos)
+    models, prompts = mounts / "models", mounts / "eval_prompts_advance"
     extra = tmp_path / "baked"
     extra.mkdir()
     for name in ("clip-vit-large-patch14", "clip-vit-base-patch32"):
         (extra / name).symlink_to(tiny_world / name)
     if candidates > 1:
         write_tiny_insightface_pack(extra / "insightface")
-    prompts = mounts / "eval_prompts_advance"
-    prompts.mkdir()
-    for name in SUBJECTS:
-        word = "boy" if name.startswith("boy") else "girl"
-        (prompts / f"{name}_sim.json").write_text(json.dumps([f"a photo of a {word}"]))
-        (prompts / f"{name}_edit.json").write_text(json.dumps([f"a {word} on the beach"]))
-        photos = mounts / "train_data" / name
-        photos.mkdir(parents=True)
-        public_photos["astronaut"].save(photos / "a.jpg")
-        public_photos["grace_hopper"].save(photos / "b.jpeg")
-        Image.fromarray(synthetic_face("left")).save(photos / "c.png")  # the face the tiny insightface pack finds
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(NETWORK_BLOCKER)
     attempts = tmp_path / "network_attempts.log"
-    config = grader_config(tmp_path / "grader_tiny.py")
+    config = write_grader_config(tmp_path / "grader_tiny.py")
     done = subprocess.run(
         ["bash", str(root / "tools" / "grade_like_organizer.sh"), "--workdir", str(tmp_path / "grade"),
          "--models", str(models), "--train_data", str(mounts / "train_data"), "--prompts", str(prompts),
