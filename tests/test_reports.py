@@ -159,12 +159,12 @@ def test_search_report_is_the_table_with_the_winner_highlighted(tiny_world, subj
     for (cells, highlighted), row in zip(rows, expected):
         assert cells[2] == row["status"] and highlighted == (row["winner"] == "True")
         if row["score"]:
-            numbers = dict(zip(["best step", *METRICS, "objective", "parameters", "penalty", "score"],
+            numbers = dict(zip(["best step", *METRICS, "objective", "changed parameters", "penalty", "score"],
                                cells[4:14]))
             assert int(numbers["best step"]) == int(row["best_step"])
             assert all(float(numbers[m]) == round(float(row[m]), 3) for m in METRICS)
             assert float(numbers["score"]) == round(float(row["score"]), 4)
-            assert int(numbers["parameters"].replace(",", "")) == int(row["parameters"])
+            assert int(numbers["changed parameters"].replace(",", "")) == int(row["changed_parameters"])
     assert [cells[0] for cells, highlighted in rows if highlighted] == ["half_rank"]  # 0.684 - 0.053 > 0.668 - 0.106
     assert rows[2][0][1] == "train_step=3" and rows[2][0][2] == "over budget"
     links = linked_files(work / REPORT_FILE)
