@@ -51,11 +51,12 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: Path, objective: str) ->
     winner = next((row["recipe"] for row, _ in scored if row["winner"]), None)
     axes.set_xscale("log")
     axes.set_xlabel("changed parameters (spec §7)")
-    axes.set_ylabel(f"best-step objective ({objective})")
-    axes.set_title(f"recipes: objective against changed parameters (winner: {winner})", fontsize=10)
+    axes.set_ylabel("best-step objective")
+    axes.ticklabel_format(axis="y", useOffset=False)
+    axes.set_title(f"winner: {winner}\nobjective = {objective}", fontsize=9, wrap=True)
     axes.grid(True, which="both", alpha=0.3)
     if front:
-        axes.legend(fontsize=8, loc="lower right")
+        axes.legend(fontsize=8, loc="best")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png")

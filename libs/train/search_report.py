@@ -31,7 +31,7 @@ def write_search_report(work: str | Path, rows: Sequence[Mapping[str, Any]], rec
     body += _table(work, rows, recipes)
     if finished and (work / FRONTIER_FILE).is_file():  # drawn by libs/train/frontier.py before this page
         body += ["<h2>Frontier</h2><p class='note'>each trained recipe's best objective against its changed "
-                 "parameters; dotted: lines of equal score under the penalty (the winner lies on the highest)</p>",
+                 "parameters (log scale); joined: the Pareto-optimal recipes; the star: the winner</p>",
                  img(work / FRONTIER_FILE, work, "objective against changed parameters", "plot")]
     return write_page(page(f"recipe search {work.parent.name}", body), work / REPORT_FILE)
 
