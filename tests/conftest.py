@@ -7,7 +7,7 @@ import copy
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import ml_collections
 import numpy as np
@@ -119,6 +119,14 @@ def write_photos(root: Path, public_photos: dict[str, Image.Image]) -> Path:
 def photos(tmp_path: Path, public_photos: dict[str, Image.Image]) -> Path:
     """A subject folder `train_data/boy1` with two public-domain portraits (one .jpg, one .jpeg)."""
     return write_photos(tmp_path, public_photos)
+
+
+def stop_at(step: int) -> Callable[[int, dict], None]:
+    """A train() `on_step` callback that interrupts the run after `step`, as Ctrl-C would (the resume tests)."""
+    def stop(current: int, logs: dict) -> None:
+        if current == step:
+            raise KeyboardInterrupt
+    return stop
 
 
 def copy_folder(source: Path, destination: Path) -> Path:

@@ -14,6 +14,7 @@ from libs.train import train
 from libs.train_output import CHECKPOINT_EMA, CHECKPOINT_WEIGHTS, list_checkpoints
 from libs.train.ema import Ema
 from tests.test_validation import KnownCurve, adapters, assert_bitwise, configured
+from conftest import stop_at
 
 
 def test_the_average_follows_its_formula_and_is_applied_only_inside_the_block():
@@ -62,13 +63,9 @@ def test_resume_is_exact_with_ema(tiny_config, photos, tmp_path):
     straight = tmp_path / "straight"
     train(config(), photos, straight)
 
-    def interrupt(step, logs):
-        if step == 3:
-            raise KeyboardInterrupt
-
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(config(), photos, resumed, on_step=interrupt)
+        train(config(), photos, resumed, on_step=stop_at(3))
     assert (list_checkpoints(resumed)[-1] / CHECKPOINT_EMA).is_file()
     train(config(), photos, resumed, resume="latest")
     a, b = adapters(straight), adapters(resumed)

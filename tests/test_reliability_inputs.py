@@ -19,6 +19,7 @@ from libs.train import train as train_fn
 from libs.train_output import AUTO_DIR, FAILED_FILE, META_FILE, TABLE_FILE, candidate_files
 from test_auto_recipe import RecipeCurves
 from test_reliability import refused, sample_args, train_args
+from conftest import stop_at
 
 
 # --- config files -----------------------------------------------------------------------------------
@@ -137,12 +138,8 @@ def test_a_damaged_candidate_is_named_when_the_run_resumes(tiny_config, photos, 
     out = tmp_path / "base"  # RecipeCurves scores it by this name
     tiny_config.train.update(with_prior_preservation=False, train_step=4, validation_steps=1, checkpointing_steps=2)
 
-    def stop(step: int, logs: dict) -> None:
-        if step == 2:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train_fn(tiny_config, photos, out, on_step=stop, score_fn=RecipeCurves())
+        train_fn(tiny_config, photos, out, on_step=stop_at(2), score_fn=RecipeCurves())
     [best] = candidate_files(out)
     best.write_bytes(best.read_bytes()[:40])
     with pytest.raises(UserError, match=rf"damaged .*{re.escape(str(best))}"):

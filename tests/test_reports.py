@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import tiny_world_config
+from conftest import stop_at, tiny_world_config
 from libs.report.html import esc, rel_link, table
 from libs.layout import ADVANCED
 from libs.report.trained import find_training
@@ -128,12 +128,8 @@ def test_every_link_resolves_also_in_a_moved_copy(trained, tmp_path):
 def test_a_resumed_runs_report_covers_the_run_once(tiny_world, subject, trained, tmp_path):
     out = tmp_path / "model_output" / "boy1"
 
-    def interrupt(step: int, logs: dict) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        train(run_config(tiny_world), subject, out, score_fn=StepScores({"boy1": SIM_FACE}), on_step=interrupt)
+        train(run_config(tiny_world), subject, out, score_fn=StepScores({"boy1": SIM_FACE}), on_step=stop_at(3))
     train(run_config(tiny_world), subject, out, resume="latest", score_fn=StepScores({"boy1": SIM_FACE}))
     assert selection_table(out / REPORT_FILE) == selection_table(trained["out"] / REPORT_FILE)
     settings = {cells[0]: cells[1] for cells, _ in table_rows(out / REPORT_FILE, "settings")}

@@ -31,6 +31,7 @@ from libs.layout import class_word_from_path
 from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
 from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
                                TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
+from conftest import stop_at
 
 
 @pytest.fixture()
@@ -224,13 +225,9 @@ def test_resume_continues_exactly(tiny_config, tiny_config_file, photos, class_d
     straight = tmp_path / "straight"
     train(config(), photos, straight)
 
-    def interrupt(step, logs):
-        if step == 4:
-            raise KeyboardInterrupt
-
     resumed = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        train(config(), photos, resumed, on_step=interrupt)
+        train(config(), photos, resumed, on_step=stop_at(4))
     assert [p.name for p in list_checkpoints(resumed)] == ["checkpoint-000003"]
     assert not (resumed / META_FILE).exists()
     # without --resume an unfinished run is refused (the message says --resume latest)
