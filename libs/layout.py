@@ -54,6 +54,18 @@ class Task:
     photo_dir: Path
     model_dir: Path
 
+    def missing(self, *parts: str) -> list[Path]:
+        """The named parts (`prompt_file`, `output_dir`, `photo_dir`, `model_dir`) that are not on disk: the one
+        rule for "does this run exist" that sampling and scoring share (a `*_file` must be a file, a `*_dir` a
+        folder)."""
+        paths = [(part, getattr(self, part)) for part in parts]
+        return [path for part, path in paths if not (path.is_file() if part.endswith("_file") else path.is_dir())]
+
+
+PART_LABELS = {"prompt_file": "prompt file", "output_dir": "generated images folder",
+               "photo_dir": "reference photo folder", "model_dir": "trained personalization"}
+"""What each part of a Task is called in messages."""
+
 
 def split_tasks(split: str, subjects: Sequence[str] = SUBJECTS, prompts_dir: str | Path | None = None,
                 outputs: str | Path = OUTPUTS, photos: str | Path = TRAIN_DATA, models: str | Path = MODEL_OUTPUT,
@@ -64,6 +76,14 @@ def split_tasks(split: str, subjects: Sequence[str] = SUBJECTS, prompts_dir: str
     return [Task(subject, split, name, prompts / f"{name}.json", root / outputs / name, root / photos / subject,
                  root / models / subject)
             for subject in subjects for name in task_names(subject, split)]
+
+
+def tasks_with(needs: Sequence[str], splits: Sequence[str] = SPLITS, subjects: Sequence[str] = SUBJECTS,
+               **folders: str | Path) -> tuple[list[Task], list[Task]]:
+    """(the tasks whose `needs` parts all exist, the others), subject by subject and within a subject split by
+    split; `folders` are split_tasks's (prompts_dir, outputs, photos, models, root)."""
+    tasks = [task for subject in subjects for split in splits for task in split_tasks(split, [subject], **folders)]
+    return [t for t in tasks if not t.missing(*needs)], [t for t in tasks if t.missing(*needs)]
 
 
 def training_photos(subject: str, root: str | Path = ".") -> Path:

@@ -23,7 +23,7 @@ from libs.prompts import load_prompts
 from libs.sample.files import OUTPUT_ENTRIES, sample_prompts
 from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE
 from libs.sample.pipeline import load_base, personalize
-from libs.layout import ADVANCED, PRELIMINARY, PROMPT_ROOTS, SUBJECTS, split_tasks
+from libs.layout import ADVANCED, PRELIMINARY, PROMPT_ROOTS, SUBJECTS, tasks_with
 from libs.stopping import StopSignals
 
 if TYPE_CHECKING:
@@ -55,21 +55,20 @@ def discover_runs(root: str | Path, split: str = "auto", subjects: Sequence[str]
         raise UserError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     root = Path(root)
     splits = (PRELIMINARY, ADVANCED) if split == "auto" else (split,)
-    candidates = [SampleRun(task.model_dir, task.prompt_file, task.output_dir)
-                  for name in subjects for part in splits for task in split_tasks(part, [name], root=root)]
-    runs = [run for run in candidates if run.prompt_path.is_file()]
-    if split != "auto" and len(runs) < len(candidates):
-        missing = [str(run.prompt_path) for run in candidates if not run.prompt_path.is_file()]
-        raise UserError(f"the {split} split needs {len(candidates)} prompt files; missing: {', '.join(missing)}")
-    if not runs:
+    present, absent = tasks_with(["prompt_file"], splits, subjects, root=root)
+    if split != "auto" and absent:
+        missing = [str(task.prompt_file) for task in absent]
+        raise UserError(f"the {split} split needs {len(present) + len(absent)} prompt files; missing: {', '.join(missing)}")
+    if not present:
         raise UserError(f"no prompt files found under {root}: looked for {PROMPT_ROOTS[PRELIMINARY]}/<name>.json and "
                         f"{PROMPT_ROOTS[ADVANCED]}/<name>_{{sim,edit}}.json for {', '.join(subjects)}")
     if base_model:
-        return [SampleRun(None, run.prompt_path, run.output_path) for run in runs]
-    absent = sorted({str(run.restore_path) for run in runs if not run.restore_path.is_dir()})
-    if absent:
-        raise UserError(f"prompt files exist for subjects that have no trained personalization: {', '.join(absent)} "
+        return [SampleRun(None, task.prompt_file, task.output_dir) for task in present]
+    untrained = sorted({str(task.model_dir) for task in present if task.missing("model_dir")})
+    if untrained:
+        raise UserError(f"prompt files exist for subjects that have no trained personalization: {', '.join(untrained)} "
                         "missing; train them first (./train.sh), or pass --base_model to sample the plain base model")
+    runs = [SampleRun(task.model_dir, task.prompt_file, task.output_dir) for task in present]
     return runs
 
 

@@ -35,7 +35,8 @@ from libs.prompts import image_name, load_prompts
 from libs.score.metrics import METRICS, ImageView
 from libs.score.report import write_reports
 from libs.score.results import ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.layout import ADVANCED, ADVANCED_SPLITS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task, split_tasks
+from libs.layout import (ADVANCED, PART_LABELS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task,
+                         split_tasks, tasks_with)
 
 IMAGES_PER_PROMPT = 3
 DEFAULT_PROMPT_ROOTS = {split: f"./{folder}/" for split, folder in PROMPT_ROOTS.items()}
@@ -245,10 +246,9 @@ class ScoringRun:
 
 def detect_split(prompts_dir: str | Path, tasks: Sequence[str]) -> str:
     """ADVANCED when the folder holds `<name>_sim.json` / `<name>_edit.json` but no `<name>.json`."""
-    prompts_dir = Path(prompts_dir)
-    if all((prompts_dir / f"{t}.json").is_file() for t in tasks):
+    if not any(task.missing("prompt_file") for task in split_tasks(PRELIMINARY, tasks, prompts_dir)):
         return PRELIMINARY
-    if any((prompts_dir / f"{t}_{s}.json").is_file() for t in tasks for s in ADVANCED_SPLITS):
+    if any(not task.missing("prompt_file") for task in split_tasks(ADVANCED, tasks, prompts_dir)):
         return ADVANCED
     return PRELIMINARY
 
@@ -259,13 +259,10 @@ def plan_tasks(dataset: str | Path, prompts_dir: str | Path, outputs: str | Path
     if not tasks:
         raise ScoringError("no tasks to score")
     specs = split_tasks(split, tasks, prompts_dir, outputs, dataset)
-    problems = [f"reference photo folder not found: {photo_dir}"
-                for photo_dir in dict.fromkeys(spec.photo_dir for spec in specs) if not photo_dir.is_dir()]
-    for spec in specs:
-        if not spec.prompt_file.is_file():
-            problems.append(f"prompt file not found: {spec.prompt_file}")
-        if not spec.output_dir.is_dir():
-            problems.append(f"generated images folder not found: {spec.output_dir}")
+    problems = [f"{PART_LABELS['photo_dir']} not found: {photo_dir}"
+                for photo_dir in dict.fromkeys(path for spec in specs for path in spec.missing("photo_dir"))]
+    problems += [f"{PART_LABELS[part]} not found: {getattr(spec, part)}"
+                 for spec in specs for part in ("prompt_file", "output_dir") if spec.missing(part)]
     if problems:
         raise ScoringError("cannot score:\n  " + "\n  ".join(problems))
     return specs
@@ -282,6 +279,10 @@ def _listed(paths: Sequence[str], limit: int = 6) -> str:
     return ", ".join(paths[:limit]) + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
 
 
+RENDERED = ("prompt_file", "output_dir")
+"""A task counts as rendered when its prompt file and its images folder exist."""
+
+
 def detect_runs(dataset: str | Path, prompt_roots: Mapping[str, str | Path], outputs: str | Path,
                 tasks: Sequence[str]) -> list[ScoringRun]:
     """The splits that were rendered, in SPLITS order (the graded advanced split last).
@@ -295,10 +296,10 @@ def detect_runs(dataset: str | Path, prompt_roots: Mapping[str, str | Path], out
     runs, partial, looked = [], [], []
     for split in (s for s in SPLITS if s in prompt_roots):
         root = Path(prompt_roots[split])
-        specs = split_tasks(split, tasks, root, outputs, dataset)
-        missing = [] if root.is_dir() else [f"{root}/ (no such folder)"]
-        missing += [str(s.prompt_file) for s in specs if root.is_dir() and not s.prompt_file.is_file()]
-        missing += [f"{s.output_dir}/" for s in specs if not s.output_dir.is_dir()]
+        rendered, unrendered = tasks_with(RENDERED, [split], tasks, prompts_dir=root, outputs=outputs, photos=dataset)
+        missing = [str(path) for spec in unrendered for path in spec.missing("prompt_file")] if root.is_dir() \
+            else [f"{root}/ (no such folder)"]
+        missing += [f"{path}/" for spec in unrendered for path in spec.missing("output_dir")]
         if not missing:
             runs.append(ScoringRun(split, root, plan_tasks(dataset, root, outputs, tasks, split)))
             continue
@@ -306,7 +307,7 @@ def detect_runs(dataset: str | Path, prompt_roots: Mapping[str, str | Path], out
                   [f"{root}/<name>_sim.json", f"{root}/<name>_edit.json", f"{outputs}/<name>_sim/",
                    f"{outputs}/<name>_edit/"])
         looked.append(f"{split} split: looked for {', '.join(wanted)}; missing {_listed(missing)}")
-        if any(s.output_dir.is_dir() for s in specs):
+        if any(not spec.missing("output_dir") for spec in rendered + unrendered):
             partial.append(f"{split} split only partly rendered (missing {_listed(missing)}): not scored; "
                            f"pass --prompts {root} to score it anyway")
     if not runs:
