@@ -1,7 +1,9 @@
 """A parallel recipe search (`--auto_devices cpu,cpu`, one process per device) on the tiny world behaves as the
 serial one: a recipe that diverges in its process is recorded as failed and the others go on; a search stopped
 by SIGTERM while a recipe trains exits non-zero with the command that continues, and that command retrains no
-finished recipe (their files untouched) and ends with the uninterrupted search's table and winner."""
+finished recipe (their files untouched) and ends with the uninterrupted search's table and winner. Below them,
+the device processes' side of a stop (libs/devices.py) with plain Python processes: the first signal is passed
+on once and no further job starts; a second one is passed on too and ends the wait."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +14,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from copy import deepcopy
 from pathlib import Path
@@ -19,6 +22,9 @@ from pathlib import Path
 import pytest
 
 from libs.config import REPO_ROOT
+from libs.devices import Job, run_on_devices
+from libs.errors import Interrupted
+from libs.stopping import StopSignals
 from libs.train import run_auto_recipe
 from libs.train_output import AUTO_DIR, FAILED_FILE, LOG_DIR, LOG_FILE, META_FILE, TABLE_FILE, TOKEN_FILE
 from test_reliability_inputs import search_config
@@ -116,3 +122,61 @@ def test_a_parallel_search_stopped_mid_recipe_resumes_without_retraining_finishe
     winner = json.loads((out / META_FILE).read_text())["auto_recipe"]["winner"]
     assert winner == json.loads((reference / META_FILE).read_text())["auto_recipe"]["winner"]
     assert (out / TOKEN_FILE).read_bytes() == (reference / TOKEN_FILE).read_bytes()
+
+
+# --- the device processes and a stop signal (libs/devices.py), with plain Python processes --------------------
+
+# a job that writes its marker, then stops on the first SIGTERM (exit 128 + 15, as train.py) or, with
+# `patient`, only on the second (as a run that finishes its step first)
+JOB = """import signal, sys, time
+from pathlib import Path
+patient = {patient}
+def stop(signum, frame):
+    global patient
+    if patient:
+        patient = False
+        Path({marker!r}).with_suffix(".first").write_text("")
+        return
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+Path({marker!r}).write_text("")
+while True:
+    time.sleep(0.05)
+"""
+
+
+def _jobs(tmp_path: Path, patient: bool) -> list[Job]:
+    return [Job(name, [sys.executable, "-c", JOB.format(patient=patient, marker=str(tmp_path / f"{name}.started"))],
+                tmp_path / f"{name}.log") for name in ("first", "second")]
+
+
+def _signal_when(path: Path, signums: list[int]) -> threading.Thread:
+    def send() -> None:
+        while not path.exists():
+            time.sleep(0.02)
+        for signum in signums:
+            os.kill(os.getpid(), signum)
+            time.sleep(0.3)
+    thread = threading.Thread(target=send, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_stop_is_passed_on_to_the_running_job_and_no_further_job_starts(tmp_path):
+    jobs = _jobs(tmp_path, patient=False)
+    with StopSignals("hint") as stop:
+        _signal_when(tmp_path / "first.started", [signal.SIGTERM])
+        failures = run_on_devices(jobs, ["cpu"], stop)
+    assert stop.requested == signal.SIGTERM
+    assert [(f.job.name, f.returncode) for f in failures] == [("first", 128 + signal.SIGTERM)]
+    assert not (tmp_path / "second.log").exists() and not (tmp_path / "second.started").exists()
+
+
+def test_a_second_signal_is_passed_on_too_and_stops_the_wait(tmp_path):
+    jobs = _jobs(tmp_path, patient=True)
+    with StopSignals("finished recipes are kept") as stop:
+        _signal_when(tmp_path / "first.started", [signal.SIGTERM, signal.SIGTERM])
+        with pytest.raises(Interrupted, match="SIGTERM received; finished recipes are kept"):
+            run_on_devices(jobs, ["cpu"], stop)
+    assert (tmp_path / "first.first").exists()  # the job saw the first signal, and ended on the second
+    assert not (tmp_path / "second.started").exists()

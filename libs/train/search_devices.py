@@ -65,10 +65,10 @@ def train_on_devices(todo: dict[str, tuple[ml_collections.ConfigDict, Path]], de
         diverged = read_failures(_failure_record(logs, failure.job.name)).get(failure.job.name)
         if diverged is not None:
             on_failed(failure.job.name, diverged)
-        elif stop.requested is None or failure.returncode != 128 + stop.requested:
+        elif stop.requested is None or failure.returncode not in _stopped_codes(stop.requested):
             others.append(failure)
     if stop.requested is not None:
-        stopped = [f.job.name for f in failures if f.returncode == 128 + stop.requested]
+        stopped = [f.job.name for f in failures if f.returncode in _stopped_codes(stop.requested)]
         raise Interrupted(f"{signal.Signals(stop.requested).name} received: the recipes in training "
                           f"({', '.join(stopped) or 'none'}) stopped at a checkpoint, finished recipes are kept; "
                           f"continue with: {resume_command()}", stop.requested)
@@ -78,6 +78,11 @@ def train_on_devices(todo: dict[str, tuple[ml_collections.ConfigDict, Path]], de
         raise TrainingError(f"recipe {first.job.name} failed on {first.device} (exit {first.returncode}){more}; the "
                             f"other recipes finished and are kept. The end of {first.job.log}:\n{log_tail(first.job.log)}\n"
                             "fix it, then rerun with --resume latest (finished recipes are not trained again)")
+
+
+def _stopped_codes(signum: int) -> tuple[int, int]:
+    """A recipe process's exit on the stop: 128 + signal from run_cli, or killed by it before it handled signals."""
+    return 128 + signum, -signum
 
 
 def _failure_record(logs: Path, recipe: str) -> Path:
