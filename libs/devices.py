@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -122,35 +123,32 @@ def run_on_devices(jobs: Sequence[Job], devices: Sequence[str], stop: StopSignal
                 process.send_signal(signum)
 
     threads = [threading.Thread(target=worker, args=(device,), name=f"device-{device}") for device in devices]
-    for thread in threads:
-        thread.start()
+    if stop is not None:
+        stop.deferring = True  # a first signal is only recorded, and passed on by _wait
     try:
-        _wait(threads, stop, pass_on)
-    finally:  # an exception here (a second signal) still leaves no job running unwaited
         for thread in threads:
-            thread.join()
+            thread.start()
+        _wait(threads, stop, pass_on)
+    except BaseException as error:  # a second signal (or a bug): the jobs stop too, at once
+        pass_on(error.signum if isinstance(error, Interrupted) else signal.SIGTERM)
+        raise
+    finally:
+        if stop is not None:
+            stop.deferring = False
+        for thread in threads:
+            if thread.ident is not None:  # started
+                thread.join()
     return [failures[index] for index in sorted(failures)]
 
 
 def _wait(threads: Sequence[threading.Thread], stop: StopSignals | None, pass_on: Callable[[int], None]) -> None:
-    """Until every job has ended; a stop signal arriving meanwhile goes on to the jobs (a second one as well)."""
-    if stop is None:
-        for thread in threads:
-            thread.join()
-        return
+    """Until every job has ended; a first stop signal arriving meanwhile goes on to the jobs once."""
     passed = False
-    stop.deferring = True  # the first signal is only recorded, and passed on from here
-    try:
-        while any(thread.is_alive() for thread in threads):
-            if stop.requested is not None and not passed:
-                pass_on(stop.requested)
-                passed = True
-            time.sleep(0.1)
-    except Interrupted as again:
-        pass_on(again.signum)
-        raise
-    finally:
-        stop.deferring = False
+    while any(thread.is_alive() for thread in threads):
+        if stop is not None and stop.requested is not None and not passed:
+            pass_on(stop.requested)
+            passed = True
+        time.sleep(0.1)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
