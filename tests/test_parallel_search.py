@@ -126,8 +126,8 @@ def test_a_parallel_search_stopped_mid_recipe_resumes_without_retraining_finishe
 
 # --- the device processes and a stop signal (libs/devices.py), with plain Python processes --------------------
 
-# a job that writes its marker, then stops on the first SIGTERM (exit 128 + 15, as train.py) or, with
-# `patient`, only on the second (as a run that finishes its step first)
+# a job that writes its marker, then stops on the first SIGTERM or SIGINT (exit 128 + the signal, as train.py)
+# or, with `patient`, only on the second (as a run that finishes its step first)
 JOB = """import signal, sys, time
 from pathlib import Path
 patient = {patient}
@@ -139,6 +139,7 @@ def stop(signum, frame):
         return
     sys.exit(128 + signum)
 signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGINT, stop)
 Path({marker!r}).write_text("")
 while True:
     time.sleep(0.05)
@@ -162,13 +163,14 @@ def _signal_when(path: Path, signums: list[int]) -> threading.Thread:
     return thread
 
 
-def test_a_stop_is_passed_on_to_the_running_job_and_no_further_job_starts(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_is_passed_on_to_the_running_job_and_no_further_job_starts(tmp_path, signum):
     jobs = _jobs(tmp_path, patient=False)
     with StopSignals("hint") as stop:
-        _signal_when(tmp_path / "first.started", [signal.SIGTERM])
+        _signal_when(tmp_path / "first.started", [signum])
         failures = run_on_devices(jobs, ["cpu"], stop)
-    assert stop.requested == signal.SIGTERM
-    assert [(f.job.name, f.returncode) for f in failures] == [("first", 128 + signal.SIGTERM)]
+    assert stop.requested == signum
+    assert [(f.job.name, f.returncode) for f in failures] == [("first", 128 + signum)]
     assert not (tmp_path / "second.log").exists() and not (tmp_path / "second.started").exists()
 
 
