@@ -19,6 +19,8 @@ Modes
                  in warmup_times_s
   adapter_*      default with another U-ViT adapter family (--adapter: dora, loha, lokr, vera, oft; opt-in:
                  --modes default adapter_dora adapter_vera ...); each row records its trained parameters
+                 (bench/bench_adapters.py compares the families: each in its own process for its own peak
+                 memory, with the exact full-size counts)
   checkpoint/*   what writing a checkpoint costs the training thread: `sync` (save_checkpoint) and
                  `background` (CheckpointWriter.save: a copy to the host, the write in a thread; write_s
                  is how long the thread then took), on the default mode's model and optimizer

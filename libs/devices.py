@@ -5,6 +5,11 @@ process sees only its device (CUDA_VISIBLE_DEVICES), so the code inside it is th
 numbers do not depend on where it ran. Jobs are handed out in order to whichever device is free; every job
 runs to its end even when another fails, and the failures are returned for the caller to report.
 
+Stopping (libs/stopping.py): each job runs in its own session, so Ctrl-C in a terminal reaches only the parent,
+which passes its first SIGTERM/SIGINT on to the running jobs once (each stops as a single run stops: after its
+step, with a checkpoint), starts no further job and waits for them; a second signal is passed on too (they stop
+at once, keeping their last complete checkpoint).
+
     python -m libs.devices cuda:0,cpu     prints "<device> <CUDA_VISIBLE_DEVICES value>" per device
                                                 (train.sh reads it; a bad list is one `error:` line, exit 2)
 """
@@ -12,14 +17,17 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
-from libs.errors import UserError, run_cli
+from libs.errors import Interrupted, UserError, run_cli
+from libs.stopping import StopSignals
 
 
 class DeviceError(UserError):
@@ -75,16 +83,20 @@ class Failure:
     returncode: int
 
 
-def run_on_devices(jobs: Sequence[Job], devices: Sequence[str]) -> list[Failure]:
+def run_on_devices(jobs: Sequence[Job], devices: Sequence[str], stop: StopSignals | None = None) -> list[Failure]:
     """Run every job as a process on the first free device (its output into its log); returns the failures
-    in job order. Ctrl-C reaches the processes too (same process group) and ends the wait."""
+    in job order. With `stop` (the caller's active StopSignals) a stop signal is passed on to the running jobs
+    and no further job starts: the caller reads `stop.requested` once this returns."""
     todo: queue.Queue[int] = queue.Queue()
     for index in range(len(jobs)):
         todo.put(index)
     failures: dict[int, Failure] = {}
+    running: dict[int, subprocess.Popen] = {}
+    lock = threading.Lock()  # a job starts, or the stop is passed on, never both at once
+    halted = threading.Event()
 
     def worker(device: str) -> None:
-        while True:
+        while not halted.is_set():
             try:
                 index = todo.get_nowait()
             except queue.Empty:
@@ -93,17 +105,50 @@ def run_on_devices(jobs: Sequence[Job], devices: Sequence[str]) -> list[Failure]
             job.log.parent.mkdir(parents=True, exist_ok=True)
             with open(job.log, "w") as log:
                 print(f"=== {job.name} on {device}: {' '.join(job.command)}", file=log, flush=True)
-                code = subprocess.call(job.command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd,
-                                       env=device_environment(device, devices))
+                with lock:
+                    if halted.is_set():
+                        return
+                    running[index] = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd,
+                                                      env=device_environment(device, devices), start_new_session=True)
+                code = running[index].wait()
+                with lock:
+                    del running[index]
             if code != 0:
                 failures[index] = Failure(job, device, code)
 
+    def pass_on(signum: int) -> None:
+        with lock:
+            halted.set()
+            for process in running.values():
+                process.send_signal(signum)
+
     threads = [threading.Thread(target=worker, args=(device,), name=f"device-{device}") for device in devices]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    if stop is not None:
+        stop.deferring = True  # a first signal is only recorded, and passed on by _wait
+    try:
+        for thread in threads:
+            thread.start()
+        _wait(threads, stop, pass_on)
+    except BaseException as error:  # a second signal (or a bug): the jobs stop too, at once
+        pass_on(error.signum if isinstance(error, Interrupted) else signal.SIGTERM)
+        raise
+    finally:
+        if stop is not None:
+            stop.deferring = False
+        for thread in threads:
+            if thread.ident is not None:  # started
+                thread.join()
     return [failures[index] for index in sorted(failures)]
+
+
+def _wait(threads: Sequence[threading.Thread], stop: StopSignals | None, pass_on: Callable[[int], None]) -> None:
+    """Until every job has ended; a first stop signal arriving meanwhile goes on to the jobs once."""
+    passed = False
+    while any(thread.is_alive() for thread in threads):
+        if stop is not None and stop.requested is not None and not passed:
+            pass_on(stop.requested)
+            passed = True
+        time.sleep(0.1)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -19,6 +19,7 @@
     validation.py   fixed-noise loss, and the validation images rendered, scored and logged during training
     loop.py         train(): the recipe
     auto_recipe.py  run_auto_recipe(): a budgeted search over documented recipes, best by objective - penalty
+    search_devices.py  the parallel search's recipe processes (--auto_devices): failures, stop, resume
 """
 from libs.train.batches import Batch, BatchMaker, ViewSampler, loss_terms, noisy_batch, total_loss
 from libs.train.checkpoints import RESUMABLE_CHANGES, load_checkpoint, recipe_differences, save_checkpoint

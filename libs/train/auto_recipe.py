@@ -21,8 +21,8 @@ steps of all recipes run) is skipped and the next ones are tried, and so is one 
     <out>/                        the winner's personalization; personalization.json's `auto_recipe` holds the table
 
 With `auto_devices` (cuda:0,cuda:1,... or cpu,cpu) the recipes train concurrently, one process per device
-(libs/devices.py, libs/train/recipe_worker.py), each exactly as the serial search trains it: the same
-table and winner.
+(libs/train/search_devices.py), each exactly as the serial search trains it: the same table and winner, a
+diverged recipe recorded as failed, a stop and a resume as the serial search's.
 
 Resumable: a recipe with a personalization.json is finished and never trained again; an interrupted one
 continues from its last checkpoint. One scorer (face model + CLIP) serves every recipe.
@@ -33,26 +33,25 @@ import copy
 import csv
 import json
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import ml_collections
 
-from libs.config import REPO_ROOT
 from libs.files import CheckpointError, atomic_path, save_json
 from libs.personalization import check_restore_path
 from libs.train import search_report
-from libs.devices import Job, log_tail, parse_devices, run_on_devices
+from libs.devices import parse_devices
 from libs.stopping import StopSignals, resume_command
 from libs.train.frontier import plot_frontier
 from libs.train.loop import DivergedError, StepCallback, claim_output, train
 from libs.train.metrics import MetricScorer, ScoreFn
 from libs.train.param_budget import planned_parameters
 from libs.train.plan import TrainingError, make_plan
+from libs.train.search_devices import read_failures, train_on_devices
 from libs.train.selection import METRICS
-from libs.train_output import (AUTO_DIR, FAILED_FILE, FRONTIER_FILE, LOG_DIR, META_FILE, OUTPUT_FILES, RUN_FILE,
+from libs.train_output import (AUTO_DIR, FAILED_FILE, FRONTIER_FILE, META_FILE, OUTPUT_FILES, RUN_FILE,
                                TABLE_FILE, prepare_output)
 
 RUN, DUPLICATE, OVER_BUDGET, OVER_PARAMETERS, FAILED = ("trained", "duplicate", "over budget",
@@ -143,13 +142,13 @@ def run_auto_recipe(config: ml_collections.ConfigDict, data_dir: str | Path, out
     search's alone while it runs (each recipe's folder is its training run's). SIGTERM / SIGINT stop the recipe
     in training as a single run stops (libs.stopping); a resumed search retrains no finished recipe."""
     hint = f"finished recipes are kept; continue with: {resume_command()}"
-    with StopSignals(hint), claim_output(out_dir):
-        return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn)
+    with StopSignals(hint) as stop, claim_output(out_dir):
+        return _search(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn, stop)
 
 
 def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
             overwrite: bool, mixed_precision: str | None, on_step: StepCallback | None,
-            score_fn: ScoreFn | None) -> list[dict[str, Any]] | None:
+            score_fn: ScoreFn | None, stop: StopSignals) -> list[dict[str, Any]] | None:
     from accelerate import PartialState
 
     cfg = config.train
@@ -182,14 +181,29 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
             score_fn = MetricScorer(config, cfg.validation_face_backend, str(state.device))
     state.wait_for_everyone()
 
-    failures = read_failures(work)
+    failures = read_failures(work / FAILED_FILE)
     for candidate in candidates:
         if candidate.recipe.name in failures and candidate.status == RUN:
             candidate.status = FAILED
+            print(f"recipe {candidate.recipe.name} failed in an earlier run ({work / FAILED_FILE}): not trained again")
     table_rows(candidates, float(cfg.auto_param_penalty))  # every finished recipe's record checked before training
+    for candidate in candidates:
+        if candidate.status == RUN and candidate.finished:
+            print(f"recipe {candidate.recipe.name} finished in an earlier run ({candidate.folder / META_FILE}): "
+                  "reused, not trained again")
     todo = [c for c in candidates if c.status == RUN and not c.finished]
+
+    def failed(candidate: Candidate, why: str) -> None:  # recorded, and the search goes on with the other recipes
+        print(f"recipe {candidate.recipe.name} failed: {why}; the search continues without it")
+        candidate.status = FAILED
+        failures[candidate.recipe.name] = why
+        if state.is_main_process:
+            save_json(failures, work / FAILED_FILE)
+
     if devices is not None and todo:
-        _train_on_devices(todo, devices, plan.data_dir, work, mixed_precision)
+        by_name = {c.recipe.name: c for c in todo}
+        train_on_devices({name: (c.config, c.folder) for name, c in by_name.items()}, devices, plan.data_dir, work,
+                         mixed_precision, stop, lambda name, why: failed(by_name[name], why))
         _drop_losers(candidates, float(cfg.auto_param_penalty))
         todo = []
     for number, candidate in enumerate(todo, 1):
@@ -199,12 +213,8 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
             train(candidate.config, plan.data_dir, candidate.folder,
                   resume="latest" if candidate.folder.exists() else None, mixed_precision=mixed_precision,
                   on_step=on_step, score_fn=score_fn)
-        except DivergedError as error:  # recorded, and the search goes on with the other recipes
-            print(f"recipe {candidate.recipe.name} failed: {error}; the search continues without it")
-            candidate.status = FAILED
-            failures[candidate.recipe.name] = str(error)
-            if state.is_main_process:
-                save_json(failures, work / FAILED_FILE)
+        except DivergedError as error:
+            failed(candidate, str(error))
             continue
         if state.is_main_process:
             _drop_losers(candidates, float(cfg.auto_param_penalty))
@@ -213,44 +223,6 @@ def _search(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: st
         _write_result(out, work, candidates, rows, config)
     state.wait_for_everyone()
     return rows
-
-
-def read_failures(work: Path) -> dict[str, str]:
-    """The recipes an earlier run of this search saw diverge (auto_recipe/failed.json), checked before use."""
-    path = work / FAILED_FILE
-    if not path.exists():
-        return {}
-    try:
-        failures = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        failures = None
-    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
-        raise TrainingError(f"{path} is damaged (not a JSON record of failed recipes): delete it to train those "
-                            "recipes again, or pass --overwrite to search again")
-    return failures
-
-
-def _train_on_devices(todo: list[Candidate], devices: list[str], data_dir: Path, work: Path,
-                      mixed_precision: str | None) -> None:
-    """The recipes as processes over `devices` (libs/devices.py), each exactly the serial search's run;
-    the first failure is raised once every recipe has ended (the others finish and are kept)."""
-    from libs.train.recipe_worker import write_job  # the worker's module, run with -m: not imported with the package
-
-    logs = work / LOG_DIR
-    jobs = []
-    for candidate in todo:
-        job_file = logs / f"{candidate.recipe.name}.job.json"
-        write_job(job_file, candidate.config, data_dir.resolve(), candidate.folder.resolve(), mixed_precision)
-        jobs.append(Job(candidate.recipe.name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file)],
-                        logs / f"{candidate.recipe.name}.log", REPO_ROOT))
-    print(f"=== {len(jobs)} recipes on {len(devices)} devices ({', '.join(devices)}); each one's output in {logs}")
-    failures = run_on_devices(jobs, devices)
-    if failures:
-        first = failures[0]
-        others = f"; {len(failures) - 1} more failed ({', '.join(f.job.name for f in failures[1:])})" if failures[1:] else ""
-        raise TrainingError(f"recipe {first.job.name} failed on {first.device} (exit {first.returncode}){others}; the "
-                            f"other recipes finished and are kept. The end of {first.job.log}:\n{log_tail(first.job.log)}\n"
-                            "fix it, then rerun with --resume latest (finished recipes are not trained again)")
 
 
 def table_rows(candidates: list[Candidate], penalty: float) -> list[dict[str, Any]]:

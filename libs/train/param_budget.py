@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 import torch
+from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from libs.adapters.families import AdapterSpec, add_adapter
@@ -16,14 +17,22 @@ from libs.models.clip import CLIPTextEncoder
 from libs.models.loading import build_uvit, text_encoder_source
 
 
+def meta_uvit_adapter(config: ml_collections.ConfigDict) -> tuple[nn.Module, AdapterSpec]:
+    """The U-ViT on the meta device with `config.train`'s adapter injected as training injects it; the
+    adapter's tensors are the named parameters and buffers holding `spec.prefix`."""
+    nnet = build_uvit(config, "meta")
+    spec = AdapterSpec.from_config(config.train, uvit_lora_modules(nnet, list(config.train.lora_targets)),
+                                   int(config.seed))
+    add_adapter(nnet, spec, for_loading=True)
+    return nnet, spec
+
+
 def planned_parameters(config: ml_collections.ConfigDict) -> int:
     """The trained values of `config.train`: the U-ViT adapter, the token rows and the text-encoder part."""
     cfg = config.train
     total = 0
     if cfg.adapter != "none":
-        nnet = build_uvit(config, "meta")
-        spec = AdapterSpec.from_config(cfg, uvit_lora_modules(nnet, list(cfg.lora_targets)), int(config.seed))
-        add_adapter(nnet, spec, for_loading=True)
+        nnet, spec = meta_uvit_adapter(config)
         total += sum(p.numel() for name, p in nnet.named_parameters() if spec.prefix in name)
     mode = cfg.text_encoder_mode
     if mode != "frozen":
