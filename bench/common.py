@@ -372,6 +372,11 @@ def counted_flops(fn: Callable[[], Any]) -> int:
 # --- results -----------------------------------------------------------------------------------------------
 
 
+RESULTS_FILES = only("*.jsonl", "*.md", "*.log")
+"""What a results folder holds: the benches' JSON lines and the written record of a measured session
+(bench/results/h200-2026-11-27.md and its command log)."""
+
+
 def common_parser(description: str) -> argparse.ArgumentParser:
     """Flags every bench script takes."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -387,7 +392,7 @@ def common_parser(description: str) -> argparse.ArgumentParser:
 
 def start(args: argparse.Namespace) -> torch.device:
     """Check --results-dir (libs.outputs), apply the common flags (threads) and return the device to run on."""
-    check_output_folder(args.results_dir, "--results-dir", only("*.jsonl"))
+    check_output_folder(args.results_dir, "--results-dir", RESULTS_FILES)
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)

@@ -125,3 +125,14 @@ def test_flop_formula_matches_torch_counter(size: str) -> None:
         nnet = UViT(**config.nnet)
         inputs = uvit_inputs(config, 2, torch.device("meta"))
         assert counted_flops(lambda: nnet(*inputs)) == uvit_forward_flops(config.nnet, 2)
+
+
+def test_the_default_results_folder_is_accepted_as_it_is_committed() -> None:
+    """A bench run without --results-dir appends to bench/results/, which also holds the written records of
+    measured GPU sessions (.md, .log): the output-path rule must accept it as the benches' own folder."""
+    from bench.common import RESULTS_DIR, common_parser, start
+
+    before = {path.name: path.stat().st_mtime_ns for path in RESULTS_DIR.iterdir()}
+    assert {path.suffix for path in RESULTS_DIR.iterdir()} >= {".jsonl", ".md", ".log"}
+    start(common_parser("default folder").parse_args(["--device", "cpu"]))
+    assert {path.name: path.stat().st_mtime_ns for path in RESULTS_DIR.iterdir()} == before
