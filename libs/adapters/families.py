@@ -42,6 +42,10 @@ class AdapterTargetError(UserError):
     """A family that cannot adapt a chosen target module (its layer type or shape)."""
 
 
+FAMILY_NAMES = {"lora": "LoRA", "dora": "DoRA", "loha": "LoHa", "lokr": "LoKr", "vera": "VeRA", "oft": "OFT"}
+"""How each family is spelled in what the user reads."""
+
+
 @dataclass
 class AdapterSpec:
     """One family's settings on its target modules: what personalization.json records and sample.py rebuilds.
@@ -138,7 +142,7 @@ class AdapterSpec:
         size = {"oft": f"block size {self.block_size}", "vera": f"projection rank {self.r}",
                 "lokr": f"r={self.r} alpha={self.alpha} factor {self.factor or 'auto'}"}.get(
             self.family, f"r={self.r} alpha={self.alpha}")
-        return f"U-ViT {self.family.upper() if self.family != 'loha' else 'LoHa'} {size} on {len(self.target_modules)} modules"
+        return f"U-ViT {FAMILY_NAMES[self.family]} {size} on {len(self.target_modules)} modules"
 
 
 def check_targets(model: nn.Module, spec: AdapterSpec) -> None:

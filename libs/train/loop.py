@@ -135,7 +135,7 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
         data.warnings.append(class_warning)
     for warning in data.warnings:
         log(f"warning: {warning}")
-    log(start_summary(plan, instance, classes, len(data.instance), trainable_parameters, accelerator,
+    log(start_summary(plan, instance, classes, len(data.instance), trainable_parameters, models.uvit_spec, accelerator,
                       time.perf_counter() - started))
 
     # optimizer, schedule, accelerate's wrapping, and the checkpoint to continue from

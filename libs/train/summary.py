@@ -8,12 +8,13 @@ from typing import Any
 
 import ml_collections
 
+from libs.adapters.families import AdapterSpec
 from libs.train.images import TrainImage
 from libs.train.plan import Plan
 
 
 def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainImage] | None, instance_views: int,
-                  trainable: int, accelerator: Any, seconds: float) -> str:
+                  trainable: int, uvit_spec: AdapterSpec | None, accelerator: Any, seconds: float) -> str:
     """The lines printed before the first step: the subject, prior preservation, what trains and how."""
     cfg = plan.train
     crops = Counter(image.crop for image in instance)
@@ -25,8 +26,9 @@ def start_summary(plan: Plan, instance: list[TrainImage], classes: list[TrainIma
                      f"weight {cfg.prior_loss_weight}")
     else:
         lines.append("prior preservation: off")
-    lines.append(f"training: {trainable:,} parameters (U-ViT {cfg.adapter} adapter on {len(cfg.lora_targets)} target "
-                 f"kinds, text encoder {cfg.text_encoder_mode}); {cfg.train_step} steps x "
+    adapter = uvit_spec.describe() if uvit_spec is not None else "no U-ViT adapter"
+    lines.append(f"training: {trainable:,} parameters ({adapter}, text encoder {cfg.text_encoder_mode}); "
+                 f"{cfg.train_step} steps x "
                  f"({cfg.batch_size}{f' + {cfg.class_batch_size}' if classes else ''}) x "
                  f"{accelerator.num_processes} process(es); {accelerator.mixed_precision} on {accelerator.device}; "
                  f"images encoded in {seconds:.1f}s")
