@@ -33,7 +33,8 @@ from PIL import Image
 
 from libs.config import KEY_CHOICES
 from libs.errors import UserError
-from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_insightface_root, get_face_backend
+from libs.face import (INSIGHTFACE_MODEL, FaceBackend, FaceModelFailed, FaceModelMissing, default_insightface_root,
+                       get_face_backend)
 from libs.layout import ADVANCED_SPLITS, TRAIN_DATA
 from libs.photos import list_images
 from libs.prompts import image_name
@@ -193,7 +194,12 @@ class Reranker:
                 continue
             files = pending.pop(index)
             scoring = time.perf_counter()
-            scores = self.score_candidates(refs, index, prompts[index], files)
+            try:
+                scores = self.score_candidates(refs, index, prompts[index], files)
+            except FaceModelFailed as error:
+                raise RerankError(f"{error}. The {made} image(s) of the prompts ranked before are whole in "
+                                  f"{output_path}; after the fix run the same command with --skip_existing to "
+                                  "make the rest") from error
             score_seconds += time.perf_counter() - scoring
             values = [objective(score) for score in scores]
             kept = choose(values, n_samples)

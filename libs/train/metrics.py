@@ -22,7 +22,7 @@ import numpy as np
 
 from libs.config import KEY_CHOICES
 from libs.errors import UserError
-from libs.face import FaceBackend, DetectedFace, get_face_backend
+from libs.face import FaceBackend, FaceModelFailed, DetectedFace, get_face_backend
 from libs.score.results import ScoreResult, TaskResult
 from libs.score.scorer import Scorer, ScoringWarning
 from libs.layout import ADVANCED, ADVANCED_SPLITS
@@ -68,6 +68,8 @@ def validation_face_backend(name: str) -> FaceBackend:
         return get_face_backend(name)
     try:
         return get_face_backend("auto")
+    except FaceModelFailed:
+        raise  # installed but damaged: said, never silently replaced by CLIP-only scores
     except (UserError, ImportError, OSError, RuntimeError) as error:
         print(f"validation: no face model usable ({str(error).splitlines()[0]}); face scores are 0 and the "
               "best step is chosen by CLIP image/text similarity")
