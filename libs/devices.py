@@ -30,9 +30,12 @@ def parse_devices(text: str) -> list[str]:
     """`cuda:0,cuda:1` / `cpu,cpu` -> the device names, each one that exists here (a DeviceError otherwise)."""
     from libs.sample.pipeline import resolve_device
 
-    names = [part.strip() for part in str(text).split(",") if part.strip()]
-    if not names:
+    names = [part.strip() for part in str(text).split(",")]
+    if not any(names):
         raise DeviceError(f"device list {text!r} is empty: give e.g. cuda:0,cuda:1 or cpu,cpu")
+    if not all(names):
+        raise DeviceError(f"device list {text!r} has an empty item (two commas, or one at an end): give e.g. "
+                          "cuda:0,cuda:1 or cpu,cpu")
     devices = []
     for name in names:
         try:
@@ -41,7 +44,7 @@ def parse_devices(text: str) -> list[str]:
             raise DeviceError(f"device list {text!r}: {error}") from error
         if device.type not in ("cpu", "cuda"):
             raise DeviceError(f"device list {text!r}: {name} is neither cpu nor cuda[:N]")
-        devices.append(str(device) if device.type == "cpu" or device.index is not None else "cuda:0")
+        devices.append("cpu" if device.type == "cpu" else f"cuda:{device.index or 0}")
     return devices
 
 
@@ -66,6 +69,7 @@ class Job:
     command: list[str]
     log: Path
     cwd: Path | None = None
+    env: dict[str, str] | None = None  # set on top of the device's environment
 
 
 @dataclass
@@ -94,7 +98,7 @@ def run_on_devices(jobs: Sequence[Job], devices: Sequence[str]) -> list[Failure]
             with open(job.log, "w") as log:
                 print(f"=== {job.name} on {device}: {' '.join(job.command)}", file=log, flush=True)
                 code = subprocess.call(job.command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd,
-                                       env=device_environment(device, devices))
+                                       env={**device_environment(device, devices), **(job.env or {})})
             if code != 0:
                 failures[index] = Failure(job, device, code)
 

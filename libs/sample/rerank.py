@@ -36,6 +36,7 @@ from libs.errors import UserError
 from libs.face import (INSIGHTFACE_MODEL, FaceBackend, FaceModelFailed, FaceModelMissing, default_insightface_root,
                        get_face_backend)
 from libs.layout import ADVANCED_SPLITS, TRAIN_DATA
+from libs.outputs import check_output_folder
 from libs.photos import list_images
 from libs.prompts import image_name
 from libs.sample.files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
@@ -297,6 +298,12 @@ def build_reranker(config: ml_collections.ConfigDict, runs: Sequence, device: to
         raise RerankError(f"rerank_weights takes {len(METRICS)} non-negative weights ({', '.join(METRICS)}), "
                           f"not all 0; got {' '.join(map(str, sample.rerank_weights))}")
     ref_dirs = reference_dirs(runs, sample.reference_dir, all_runs)
+    if sample.keep_candidates:
+        for output_path in ref_dirs:
+            check_output_folder(output_path / CANDIDATES_DIR, "--keep_candidates folder")
+            if (output_path / CANDIDATES_FILE).is_dir():
+                raise RerankError(f"{output_path / CANDIDATES_FILE} is a folder, where --keep_candidates writes its "
+                                  "record of the candidates: move it away")
     for folder in dict.fromkeys(ref_dirs.values()):
         list_images(folder, "reference photo")
     scorer = Scorer(rerank_face_backend(sample.rerank_face_backend), config=config, device=str(device),

@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -241,8 +242,11 @@ def _train_on_devices(todo: list[Candidate], devices: list[str], data_dir: Path,
     for candidate in todo:
         job_file = logs / f"{candidate.recipe.name}.job.json"
         write_job(job_file, candidate.config, data_dir.resolve(), candidate.folder.resolve(), mixed_precision)
-        jobs.append(Job(candidate.recipe.name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file)],
-                        logs / f"{candidate.recipe.name}.log", REPO_ROOT))
+        # run where this search runs (relative paths of the config and of -o mean the same), libs/ found by PYTHONPATH
+        jobs.append(Job(candidate.recipe.name, [sys.executable, "-m", "libs.train.recipe_worker",
+                                                str(job_file.resolve())],
+                        logs / f"{candidate.recipe.name}.log", Path.cwd(),
+                        {"PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}))
     print(f"=== {len(jobs)} recipes on {len(devices)} devices ({', '.join(devices)}); each one's output in {logs}")
     failures = run_on_devices(jobs, devices)
     if failures:
