@@ -61,7 +61,8 @@ class NoFaceBackend(FaceBackend):
 
 def validation_face_backend(name: str) -> FaceBackend:
     """The backend validation scores faces with: insightface (buffalo_l) when installed, else dlib (libs.face
-    says which, once); "auto" with neither usable falls back to none and says so."""
+    says which, once); "auto" with neither installed falls back to none and says so, but an installed model that
+    cannot be loaded (FaceModelFailed) is an error: its scores would silently change what "best" means."""
     if name == "none":
         return NoFaceBackend()
     if name != "auto":
