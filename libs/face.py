@@ -70,7 +70,8 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
         from onnxruntime.capi import onnxruntime_pybind11_state as ort
     except ImportError:
         return tuple(errors)
-    return tuple(errors + [kind for kind in vars(ort).values() if isinstance(kind, type) and issubclass(kind, Exception)])
+    return tuple(errors + [kind for kind in vars(ort).values()
+                           if isinstance(kind, type) and issubclass(kind, Exception)])
 
 
 @dataclass
@@ -243,7 +244,8 @@ class DlibBackend(FaceBackend):
             rects, scores, _ = self.detector.run(image, self.upsample, 0.0)
             for rect, score in zip(rects, scores):
                 shape = self.shape_predictor(image, rect)
-                code = np.asarray(self.encoder.compute_face_descriptor(image, shape, self.num_jitters), dtype=np.float32)
+                code = np.asarray(self.encoder.compute_face_descriptor(image, shape, self.num_jitters),
+                                  dtype=np.float32)
                 bbox = tuple(float(v) / scale for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
                 faces.append(DetectedFace(bbox=bbox, score=float(score), embedding=code))
         faces.sort(key=lambda face: face.area, reverse=True)
