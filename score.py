@@ -20,7 +20,7 @@ from libs.config import DEFAULT_CONFIG
 from libs.errors import run_cli
 from libs.face import BACKENDS, INSIGHTFACE_ROOT
 from libs.outputs import check_output_folder
-from libs.score.report import summary_lines, task_lines, write_reports
+from libs.score.report import check_report_files, summary_lines, task_lines, write_reports
 from libs.score.results import ScoreResult
 from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
 from libs.layout import ADVANCED, PRELIMINARY, SUBJECTS
@@ -59,6 +59,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def main(args: argparse.Namespace) -> list[ScoreResult]:
     check_output_folder(args.outputs, "--outputs (where the reports are written)")
+    check_report_files(args.outputs)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         warnings.filterwarnings("ignore", category=FutureWarning, module="insightface")  # its skimage deprecation

@@ -48,7 +48,39 @@ while [ $# -gt 0 ]; do
     shift
 done
 
-# one subject: train.py through accelerate, on the devices this process sees
+# SIGTERM / SIGINT (a scheduler, `docker stop`, kill): passed on to the training processes, which finish their
+# step, write a checkpoint and exit (libs/stopping.py); no further subject starts; then train.sh exits 128 + signal
+# saying how to continue. `children` are the processes to pass it to; `stop_signal` is set once one came.
+stop_signal=""
+children=()
+pass_on() {
+    stop_signal=$1
+    local pid
+    for pid in ${children[@]+"${children[@]}"}; do
+        kill -s "$1" "$pid" 2>/dev/null || true
+    done
+}
+trap 'pass_on TERM' TERM
+trap 'pass_on INT' INT
+
+# wait for a process to its end (a trapped signal interrupts `wait`); its exit status
+wait_for() {
+    local status=0
+    wait "$1" || status=$?
+    while kill -0 "$1" 2>/dev/null; do
+        status=0
+        wait "$1" || status=$?
+    done
+    return "$status"
+}
+
+stopped_message() {
+    echo "train.sh: stopped by SIG$stop_signal: the subjects in training wrote a checkpoint; run the same" \
+         "./train.sh command again to continue them (finished subjects are skipped)" >&2
+}
+
+# one subject: train.py through accelerate, on the devices this process sees, in the background (its pid in
+# `child`) so that a signal reaches it (accelerate passes it on to train.py)
 train_subject() {
     local name=$1 class_word=$2 data=$3 out=$4 prior
     if [ -d "class_data/$class_word" ]; then
@@ -58,7 +90,8 @@ train_subject() {
         echo "train.sh: no class_data/$class_word: training $name without prior preservation" >&2
     fi
     "$ACCELERATE" launch --mixed_precision fp16 --num_processes 1 train.py \
-        -d "$data" -o "$out" "${prior[@]}" ${resume[@]+"${resume[@]}"} ${args[@]+"${args[@]}"}
+        -d "$data" -o "$out" "${prior[@]}" ${resume[@]+"${resume[@]}"} ${args[@]+"${args[@]}"} &
+    child=$!
 }
 
 if [ -z "$devices" ]; then
@@ -69,7 +102,15 @@ if [ -z "$devices" ]; then
             exit 1
         fi
         echo "=== $name: $data -> $out"
-        if ! train_subject "$name" "$class_word" "$data" "$out"; then
+        train_subject "$name" "$class_word" "$data" "$out"
+        children=("$child")
+        status=0
+        wait_for "$child" || status=$?
+        if [ -n "$stop_signal" ]; then
+            stopped_message
+            exit $((128 + $(kill -l "$stop_signal")))
+        fi
+        if [ "$status" -ne 0 ]; then
             echo "train.sh: training $name failed (see above); stopping, later subjects were not trained" >&2
             exit 1
         fi
@@ -97,20 +138,35 @@ for index in "${!device_list[@]}"; do
     [ "$visible" = "-" ] && visible=""
     (   # this device's subjects, one after another: subjects index, index + count, ...
         export CUDA_VISIBLE_DEVICES=$visible
+        children=()
+        trap 'pass_on TERM' TERM
+        trap 'pass_on INT' INT
         for ((j = index; j < ${#all_subjects[@]}; j += count)); do
+            [ -n "$stop_signal" ] && break
             IFS=: read -r name class_word data out <<< "${all_subjects[$j]}"
             mkdir -p "$out/logs"
             echo "=== $name: $data -> $out on $device (log: $out/logs/train_sh.log)"
-            if train_subject "$name" "$class_word" "$data" "$out" > "$out/logs/train_sh.log" 2>&1; then
+            train_subject "$name" "$class_word" "$data" "$out" > "$out/logs/train_sh.log" 2>&1
+            children=("$child")
+            if wait_for "$child"; then
                 echo "=== $name: done"
+            elif [ -n "$stop_signal" ]; then
+                echo "=== $name: stopped on $device by SIG$stop_signal (log: $out/logs/train_sh.log)"
             else
                 echo "$j $name $device $out/logs/train_sh.log" > "$status_dir/failed-$j"
                 echo "=== $name: failed on $device (log: $out/logs/train_sh.log)"
             fi
         done
     ) &
+    children+=("$!")
 done
-wait
+for pid in "${children[@]}"; do
+    wait_for "$pid" || true
+done
+if [ -n "$stop_signal" ]; then
+    stopped_message
+    exit $((128 + $(kill -l "$stop_signal")))
+fi
 failed=$(cat "$status_dir"/failed-* 2>/dev/null | sort -n || true)
 if [ -n "$failed" ]; then
     read -r _ name device log <<< "$(head -n 1 <<< "$failed")"

@@ -38,9 +38,12 @@ def parse_devices(text: str) -> list[str]:
     """`cuda:0,cuda:1` / `cpu,cpu` -> the device names, each one that exists here (a DeviceError otherwise)."""
     from libs.sample.pipeline import resolve_device
 
-    names = [part.strip() for part in str(text).split(",") if part.strip()]
-    if not names:
+    names = [part.strip() for part in str(text).split(",")]
+    if not any(names):
         raise DeviceError(f"device list {text!r} is empty: give e.g. cuda:0,cuda:1 or cpu,cpu")
+    if not all(names):
+        raise DeviceError(f"device list {text!r} has an empty item (two commas, or one at an end): give e.g. "
+                          "cuda:0,cuda:1 or cpu,cpu")
     devices = []
     for name in names:
         try:
@@ -49,7 +52,7 @@ def parse_devices(text: str) -> list[str]:
             raise DeviceError(f"device list {text!r}: {error}") from error
         if device.type not in ("cpu", "cuda"):
             raise DeviceError(f"device list {text!r}: {name} is neither cpu nor cuda[:N]")
-        devices.append(str(device) if device.type == "cpu" or device.index is not None else "cuda:0")
+        devices.append("cpu" if device.type == "cpu" else f"cuda:{device.index or 0}")
     return devices
 
 
@@ -74,6 +77,7 @@ class Job:
     command: list[str]
     log: Path
     cwd: Path | None = None
+    env: dict[str, str] | None = None  # set on top of the device's environment
 
 
 @dataclass
@@ -109,7 +113,8 @@ def run_on_devices(jobs: Sequence[Job], devices: Sequence[str], stop: StopSignal
                     if halted.is_set():
                         return
                     running[index] = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, cwd=job.cwd,
-                                                      env=device_environment(device, devices), start_new_session=True)
+                                                      env={**device_environment(device, devices), **(job.env or {})},
+                                                      start_new_session=True)
                 code = running[index].wait()
                 with lock:
                     del running[index]

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import abc
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -55,6 +57,23 @@ class FaceModelMissing(UserError):
     """The face models for a backend are not installed; the message says how to get them."""
 
 
+class FaceModelFailed(UserError):
+    """A face model that is installed but cannot be loaded or stops working (damaged or unreadable files, the
+    device failing): the message names its files and how to install them again."""
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    """What a face model's runtime raises when its files or its device fail, never our own code's bugs:
+    onnxruntime's exception types (they derive from Exception, not RuntimeError), dlib's RuntimeError, the OS's."""
+    errors: list[type[BaseException]] = [RuntimeError, OSError, MemoryError]
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort
+    except ImportError:
+        return tuple(errors)
+    return tuple(errors + [kind for kind in vars(ort).values()
+                           if isinstance(kind, type) and issubclass(kind, Exception)])
+
+
 @dataclass
 class DetectedFace:
     bbox: tuple[float, float, float, float]  # x0, y0, x1, y1 in pixels
@@ -73,6 +92,19 @@ class FaceBackend(abc.ABC):
     name: str
     comparable_with_competition: bool
     min_score: float  # weaker detections are not faces (see primary_face)
+    files = ""  # where its model files are, for messages
+    reinstall = ""  # how to install them again, for messages
+
+    @contextmanager
+    def failures(self, doing: str) -> Iterator[None]:
+        """Errors of the face model's runtime while `doing` (loading, detecting) as one FaceModelFailed naming
+        the model's files and how to install them again."""
+        try:
+            yield
+        except _runtime_errors() as error:
+            first = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+            raise FaceModelFailed(f"the {self.name} face model ({self.files}) failed while {doing}: {first}; its "
+                                  f"files may be damaged or unreadable: {self.reinstall}") from error
 
     @abc.abstractmethod
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
@@ -135,15 +167,26 @@ class InsightFaceBackend(FaceBackend):
 
         self.root = str(Path(root).expanduser())
         self.model_name = model_name
-        self.app = FaceAnalysis(name=model_name, root=self.root, providers=providers)
-        if "recognition" not in self.app.models:
-            raise FaceModelMissing(f"{insightface_model_dir(root, model_name)} has no recognition model (ArcFace *.onnx)")
-        self.app.prepare(ctx_id=0, det_size=tuple(det_size))
+        folder = insightface_model_dir(root, model_name)
+        self.files = f"{folder}: {', '.join(sorted(p.name for p in folder.glob('*.onnx')))}"
+        self.reinstall = (f"install the pack again (unzip {model_name}.zip from https://github.com/deepinsight/"
+                          f"insightface/releases into {folder}/)")
+        with self.failures("loading"):
+            try:
+                self.app = FaceAnalysis(name=model_name, root=self.root, providers=providers)
+            except AssertionError as error:  # insightface's own check: no model of the pack detects faces
+                raise FaceModelFailed(f"{folder} has no face detection model insightface can use ({self.files}): "
+                                      f"{self.reinstall}") from error
+            if "recognition" not in self.app.models:
+                raise FaceModelMissing(f"{folder} has no recognition model (ArcFace *.onnx)")
+            self.app.prepare(ctx_id=0, det_size=tuple(det_size))
 
     def detect(self, image: np.ndarray) -> list[DetectedFace]:
         bgr = np.ascontiguousarray(_check_rgb(image)[:, :, ::-1])  # insightface works on cv2's BGR order
+        with self.failures("detecting faces"):
+            found = self.app.get(bgr)
         faces = []
-        for face in self.app.get(bgr):
+        for face in found:
             embedding = face.normed_embedding
             faces.append(DetectedFace(
                 bbox=tuple(float(v) for v in face.bbox[:4]),
@@ -177,9 +220,13 @@ class DlibBackend(FaceBackend):
                 f"the dlib face backend needs dlib-bin and face-recognition-models ({error}):\n"
                 "  pip install dlib-bin face-recognition-models \"setuptools<81\""
             ) from error
-        self.detector = dlib.get_frontal_face_detector()
-        self.shape_predictor = dlib.shape_predictor(frm.pose_predictor_five_point_model_location())
-        self.encoder = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+        landmarks, encoder = frm.pose_predictor_five_point_model_location(), frm.face_recognition_model_location()
+        self.files = f"{landmarks}, {encoder}"
+        self.reinstall = "install them again: pip install --force-reinstall --no-deps face-recognition-models"
+        with self.failures("loading"):
+            self.detector = dlib.get_frontal_face_detector()
+            self.shape_predictor = dlib.shape_predictor(landmarks)
+            self.encoder = dlib.face_recognition_model_v1(encoder)
         self.upsample = upsample
         self.max_side = max_side  # big phone photos are shrunk first: HOG time grows with pixel count
         self.num_jitters = num_jitters
@@ -192,13 +239,15 @@ class DlibBackend(FaceBackend):
         if scale < 1.0:
             size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
             image = np.ascontiguousarray(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
-        rects, scores, _ = self.detector.run(image, self.upsample, 0.0)
         faces = []
-        for rect, score in zip(rects, scores):
-            shape = self.shape_predictor(image, rect)
-            code = np.asarray(self.encoder.compute_face_descriptor(image, shape, self.num_jitters), dtype=np.float32)
-            bbox = tuple(float(v) / scale for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
-            faces.append(DetectedFace(bbox=bbox, score=float(score), embedding=code))
+        with self.failures("detecting faces"):
+            rects, scores, _ = self.detector.run(image, self.upsample, 0.0)
+            for rect, score in zip(rects, scores):
+                shape = self.shape_predictor(image, rect)
+                code = np.asarray(self.encoder.compute_face_descriptor(image, shape, self.num_jitters),
+                                  dtype=np.float32)
+                bbox = tuple(float(v) / scale for v in (rect.left(), rect.top(), rect.right(), rect.bottom()))
+                faces.append(DetectedFace(bbox=bbox, score=float(score), embedding=code))
         faces.sort(key=lambda face: face.area, reverse=True)
         return faces
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from libs.tiny_submission import tiny_world_config
 from libs.tiny_world import build_tiny_world
-from libs.tiny_submission import write_personalization, write_subjects
+from libs.tiny_submission import write_personalization, write_subjects, write_tiny_insightface_pack
 
 if TYPE_CHECKING:
     from libs.face import DlibBackend
@@ -167,6 +167,15 @@ def positive_clip_dir(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory
     for extra in source.glob("preprocessor_config.json"):
         (folder / extra.name).write_bytes(extra.read_bytes())
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding models/buffalo_l/ with the tiny ONNX stand-ins (libs/tiny_submission.py) that insightface's
+    own loader takes for the pack. Read-only: a test that damages it takes `copy_folder` of it."""
+    root = tmp_path_factory.mktemp("insightface")
+    write_tiny_insightface_pack(root)
+    return root
 
 
 @pytest.fixture(scope="session")

@@ -32,10 +32,14 @@ def test_jobs_run_on_every_device_and_failures_are_returned_in_order(tmp_path):
     assert all(job.log.read_text().splitlines()[-1] == "True" for job in jobs)  # cpu processes see no GPU
 
 
+def train_sh_env() -> dict[str, str]:
+    """train.sh's environment in the tests: this venv's accelerate, toy-sized ops on one thread."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
+
+
 def run_train_sh(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
-    return subprocess.run([str(repo / "train.sh"), *args], cwd=repo.parent, capture_output=True, text=True, env=env,
-                          timeout=900)
+    return subprocess.run([str(repo / "train.sh"), *args], cwd=repo.parent, capture_output=True, text=True,
+                          env=train_sh_env(), timeout=900)
 
 
 def test_train_sh_refuses_an_unknown_device_before_training(tmp_path, tiny_config_file):

@@ -3,7 +3,6 @@ detection code driven by a tiny ONNX model pack in buffalo_l's layout (the real 
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +10,7 @@ from PIL import Image
 
 from libs.face import (DLIB_SAME_PERSON_DISTANCE, DetectedFace, DlibBackend, FaceModelMissing, InsightFaceBackend,
                        get_face_backend)
-from libs.tiny_submission import synthetic_face, write_tiny_insightface_pack
-
-
-@pytest.fixture(scope="session")
-def tiny_insightface_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("insightface")
-    write_tiny_insightface_pack(root)
-    return root
+from libs.tiny_submission import synthetic_face
 
 
 def _rgb(image: Image.Image) -> np.ndarray:

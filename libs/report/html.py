@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import quote
 
+from libs.errors import DISK_FULL
 from libs.files import atomic_path
+from libs.outputs import OutputPathError
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:1400px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:.2em .5em;text-align:right;vertical-align:top}th{background:#eee}
@@ -96,6 +98,12 @@ def page(title: str, body: Iterable[str]) -> str:
 def write_page(text: str, path: str | Path) -> Path:
     """Write a page atomically (a reader never sees half a page, even while a run refreshes it)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    except OSError as error:
+        if error.errno in DISK_FULL:
+            raise
+        raise OutputPathError(f"cannot write the report {path} ({error.strerror or error}): move away what is in "
+                              "its place and make its folder writable, then run the same command again") from error
     return path

@@ -33,8 +33,10 @@ from PIL import Image
 
 from libs.config import KEY_CHOICES
 from libs.errors import UserError
-from libs.face import INSIGHTFACE_MODEL, FaceBackend, FaceModelMissing, default_insightface_root, get_face_backend
+from libs.face import (INSIGHTFACE_MODEL, FaceBackend, FaceModelFailed, FaceModelMissing, default_insightface_root,
+                       get_face_backend)
 from libs.layout import ADVANCED_SPLITS, TRAIN_DATA
+from libs.outputs import check_output_folder
 from libs.photos import list_images
 from libs.prompts import image_name
 from libs.sample.files import (encode_jpeg, missing_samples, peak_memory, prompt_texts, render_jobs, write_grid,
@@ -193,7 +195,12 @@ class Reranker:
                 continue
             files = pending.pop(index)
             scoring = time.perf_counter()
-            scores = self.score_candidates(refs, index, prompts[index], files)
+            try:
+                scores = self.score_candidates(refs, index, prompts[index], files)
+            except FaceModelFailed as error:
+                raise RerankError(f"{error}. The {made} image(s) of the prompts ranked before are whole in "
+                                  f"{output_path}; after the fix run the same command with --skip_existing to "
+                                  "make the rest") from error
             score_seconds += time.perf_counter() - scoring
             values = [objective(score) for score in scores]
             kept = choose(values, n_samples)
@@ -291,6 +298,12 @@ def build_reranker(config: ml_collections.ConfigDict, runs: Sequence, device: to
         raise RerankError(f"rerank_weights takes {len(METRICS)} non-negative weights ({', '.join(METRICS)}), "
                           f"not all 0; got {' '.join(map(str, sample.rerank_weights))}")
     ref_dirs = reference_dirs(runs, sample.reference_dir, all_runs)
+    if sample.keep_candidates:
+        for output_path in ref_dirs:
+            check_output_folder(output_path / CANDIDATES_DIR, "--keep_candidates folder")
+            if (output_path / CANDIDATES_FILE).is_dir():
+                raise RerankError(f"{output_path / CANDIDATES_FILE} is a folder, where --keep_candidates writes its "
+                                  "record of the candidates: move it away")
     for folder in dict.fromkeys(ref_dirs.values()):
         list_images(folder, "reference photo")
     scorer = Scorer(rerank_face_backend(sample.rerank_face_backend), config=config, device=str(device),

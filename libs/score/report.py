@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from libs.files import atomic_path, save_json
+from libs.outputs import check_output_file
 from libs.score.candidates import (CANDIDATES_DIR, CANDIDATES_FILE, CandidateRecord, CandidatesFileError,
                                    load_record)
 from libs.models.clip import MAX_LENGTH
@@ -34,6 +35,12 @@ def results_json(results: Sequence[ScoreResult]) -> dict:
         return results[0].to_dict()
     return {"summaries": {result.split: result.summary for result in results},
             "splits": {result.split: result.to_dict() for result in results}}
+
+
+def check_report_files(folder: str | Path) -> None:
+    """Before any scoring: each report file's path in `folder` can take it (not a folder, its folder writable)."""
+    for name in (RESULTS_JSON, RESULTS_CSV, REPORT_HTML):
+        check_output_file(Path(folder) / name, "score report")
 
 
 def write_reports(results: Sequence[ScoreResult], folder: str | Path,

@@ -3,11 +3,11 @@ against the step, drawn from the run's JSONL log (so a resumed run's plot is the
 with the chosen step marked. matplotlib (Agg, no display) is imported only when a plot is drawn."""
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 
 from libs.files import atomic_path
+from libs.train.logs import log_lines
 
 PANELS = (
     ("face (insightface or dlib cosine)", ("sim_face", "edit_face")),
@@ -21,10 +21,7 @@ PANELS = (
 def read_series(log_path: Path) -> dict[str, list[tuple[int, float]]]:
     """{key: [(step, value), ...]} of every numeric key the plot draws, in log order."""
     series: dict[str, list[tuple[int, float]]] = {key: [] for _, keys in PANELS for key in keys}
-    if not log_path.is_file():
-        return series
-    for line in log_path.read_text().splitlines():
-        record = json.loads(line)
+    for _, record in log_lines(log_path):
         for key in series:
             if isinstance(record.get(key), (int, float)):
                 series[key].append((int(record["step"]), float(record[key])))

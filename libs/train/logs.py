@@ -30,7 +30,7 @@ class RunLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             kept = []
             if start_step and self.path.is_file():
-                kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+                kept = [line for line, record in log_lines(self.path) if record["step"] <= start_step]
             with atomic_path(self.path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept))
             try:
@@ -63,17 +63,22 @@ class RunLog:
 def read_log(out: Path) -> list[dict[str, Any]]:
     """The log lines of a run folder in order (training lines and validation lines share a step); a line
     that is not a JSON object with a step (a run killed mid-write) is left out."""
-    path = Path(out) / LOG_DIR / LOG_FILE
+    return [record for _, record in log_lines(Path(out) / LOG_DIR / LOG_FILE)]
+
+
+def log_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(text, record) of each line of the log file `path` that is a JSON object with a step: a line cut short
+    by a killed run or damaged bytes are left out (the reports and a resumed run read what is whole)."""
     if not path.is_file():
         return []
     lines = []
-    for text in path.read_text(encoding="utf-8").splitlines():
+    for text in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(text)
         except ValueError:
             continue
         if isinstance(record, dict) and isinstance(record.get("step"), int):
-            lines.append(record)
+            lines.append((text, record))
     return lines
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from libs.errors import Interrupted
+from libs.face import FaceModelFailed
 from libs.locks import claimed_folder
 from libs.outputs import only
 from libs.personalization import save_personalization
@@ -44,7 +45,7 @@ from libs.train.summary import start_summary
 from libs.train.selection import Selection
 from libs.train.validation import Validation
 from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR,
-                               list_checkpoints, prepare_output, remove_checkpoints)
+                               candidate_path, list_checkpoints, prepare_output, remove_checkpoints)
 
 
 @dataclass
@@ -118,7 +119,10 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
     trainable_parameters = count_trainable(models.model)
     sources = describe_sources(instance) + (describe_sources(classes) if classes else [])
     if cfg.validation_steps and accelerator.is_main_process and score_fn is None:
-        score_fn = MetricScorer(config, cfg.validation_face_backend, str(accelerator.device))
+        try:
+            score_fn = MetricScorer(config, cfg.validation_face_backend, str(accelerator.device))
+        except FaceModelFailed as error:
+            raise _face_model_failed(plan, error, None) from error
 
     # the first write: the output folder and train_config.json
     if resume and plan.resume_from is None:
@@ -219,6 +223,9 @@ def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str
                 raise _stopped(plan, step, stop.requested or signal.SIGTERM)
         bar.close()
         checkpoints.wait()
+    except FaceModelFailed as error:  # a validation's face model stopped working: the run stops, nothing is lost
+        checkpoints.close()
+        raise _face_model_failed(plan, error, selection) from error
     finally:
         stop.deferring = False
         checkpoints.close()
@@ -261,6 +268,21 @@ def _stopped(plan: Plan, step: int, signum: int) -> Interrupted:
     where = f"checkpoint {kept[-1]} written" if kept else "this process wrote no checkpoint (another one does)"
     return Interrupted(f"{signal.Signals(signum).name} at step {step} of {plan.train.train_step}: {where}; continue "
                        f"with: {resume_command()} (./train.sh continues interrupted subjects by itself)", signum)
+
+
+def _face_model_failed(plan: Plan, error: FaceModelFailed, selection: Selection | None) -> TrainingError:
+    """The face model that judges validations cannot be used: what failed, what is kept, the command that
+    continues once it is installed again (it scores the next validation with the same model)."""
+    kept = list_checkpoints(plan.out_dir)
+    if selection is None:
+        where = "Nothing was trained" + (f"; the checkpoints in {plan.out_dir / CHECKPOINT_DIR} are untouched"
+                                         if kept else "")
+    else:
+        best = (f"the best step so far ({selection.best}) in {candidate_path(plan.out_dir, selection.best)}"
+                if selection.best is not None else "no step was chosen yet")
+        where = (f"The run stopped at a validation; kept: the last complete checkpoint "
+                 f"{kept[-1] if kept else '(none written yet)'}, {best}")
+    return TrainingError(f"{error}. {where}. After the fix continue with: {resume_command()}")
 
 
 class DivergedError(TrainingError):

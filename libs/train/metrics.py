@@ -22,7 +22,7 @@ import numpy as np
 
 from libs.config import KEY_CHOICES
 from libs.errors import UserError
-from libs.face import FaceBackend, DetectedFace, get_face_backend
+from libs.face import FaceBackend, FaceModelFailed, DetectedFace, get_face_backend
 from libs.score.results import ScoreResult, TaskResult
 from libs.score.scorer import Scorer, ScoringWarning
 from libs.layout import ADVANCED, ADVANCED_SPLITS
@@ -61,13 +61,16 @@ class NoFaceBackend(FaceBackend):
 
 def validation_face_backend(name: str) -> FaceBackend:
     """The backend validation scores faces with: insightface (buffalo_l) when installed, else dlib (libs.face
-    says which, once); "auto" with neither usable falls back to none and says so."""
+    says which, once); "auto" with neither installed falls back to none and says so, but an installed model that
+    cannot be loaded (FaceModelFailed) is an error: its scores would silently change what "best" means."""
     if name == "none":
         return NoFaceBackend()
     if name != "auto":
         return get_face_backend(name)
     try:
         return get_face_backend("auto")
+    except FaceModelFailed:
+        raise  # installed but damaged: said, never silently replaced by CLIP-only scores
     except (UserError, ImportError, OSError, RuntimeError) as error:
         print(f"validation: no face model usable ({str(error).splitlines()[0]}); face scores are 0 and the "
               "best step is chosen by CLIP image/text similarity")

@@ -18,7 +18,7 @@ from libs.errors import UserError
 from libs.prompts import fill_prompt
 from libs.layout import class_word_from_path
 from libs.train.selection import Objective, SelectionError
-from libs.train_output import CHECKPOINT_DIR, CHECKPOINT_STATE, META_FILE, list_checkpoints
+from libs.train_output import CHECKPOINT_DIR, CHECKPOINT_STATE, META_FILE, REPORT_FILE, list_checkpoints
 
 
 class TrainingError(UserError):
@@ -106,6 +106,8 @@ def _check_output(plan: Plan, resume: str | None, overwrite: bool) -> None:
     out = plan.out_dir
     if out.exists() and not out.is_dir():
         raise TrainingError(f"output path {out} is a file, not a folder")
+    if (out / REPORT_FILE).is_dir():
+        raise TrainingError(f"{out / REPORT_FILE} is a folder, where the run writes its report page: move it away")
     plan.finished = (out / META_FILE).is_file()
     checkpoints = list_checkpoints(out)
     if resume:

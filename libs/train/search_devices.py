@@ -10,6 +10,7 @@ stops and resumes as the serial one does:
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -56,8 +57,10 @@ def train_on_devices(todo: dict[str, tuple[ml_collections.ConfigDict, Path]], de
         failed.unlink(missing_ok=True)  # one from an earlier run of this recipe is not this run's
         job_file = logs / f"{name}.job.json"
         write_job(job_file, config, data_dir.resolve(), folder.resolve(), failed.resolve(), mixed_precision)
-        jobs.append(Job(name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file)], logs / f"{name}.log",
-                        REPO_ROOT))
+        # run where this search runs (relative paths of the config and of -o mean the same), libs/ found by PYTHONPATH
+        jobs.append(Job(name, [sys.executable, "-m", "libs.train.recipe_worker", str(job_file.resolve())],
+                        logs / f"{name}.log", Path.cwd(),
+                        {"PYTHONPATH": os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get("PYTHONPATH"))))}))
     print(f"=== {len(jobs)} recipes on {len(devices)} devices ({', '.join(devices)}); each one's output in {logs}")
     failures = run_on_devices(jobs, devices, stop)
     others: list[Failure] = []

@@ -1,0 +1,139 @@
+"""A stop signal to the parent of several training processes (#24): `train.sh --devices cpu,cpu` passes SIGTERM on to
+every subject in training (through accelerate, to train.py), each finishes its step and writes its checkpoint, no
+further subject starts, and train.sh exits 143 saying how to continue; running it again ends with the
+personalizations of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from entrypoints import script_repo
+from libs.config import REPO_ROOT
+from libs.layout import SUBJECTS
+from libs.train_output import CHECKPOINT_STATE, META_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints
+from test_devices import run_train_sh, train_sh_env
+
+STEPS = 30
+
+
+def subjects_repo(root: Path, public_photos) -> Path:
+    repo = script_repo(root)
+    for name in SUBJECTS:
+        (repo / "train_data" / name).mkdir(parents=True)
+        public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
+    return repo
+
+
+def logged_step(out: Path) -> int:
+    log = out / "logs" / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
+
+
+def training_processes(repo: Path) -> list[psutil.Process]:
+    """train.py processes started from `repo` that are still alive."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if any(part.endswith("train.py") for part in command) and str(repo) in " ".join(command) + str(
+                _cwd(process)):
+            found.append(process)
+    return found
+
+
+def _cwd(process: psutil.Process) -> str:
+    try:
+        return process.cwd()
+    except (psutil.Error, OSError):
+        return ""
+
+
+@pytest.mark.slow
+def test_sigterm_to_train_sh_devices_stops_every_subject_and_the_rerun_continues_exactly(
+        tmp_path, tiny_config_file, public_photos):
+    common = ["--devices", "cpu,cpu", "--config", str(tiny_config_file), "--train_step", str(STEPS),
+              "--checkpointing_steps", "1000", "--log_every", "1"]
+    reference = subjects_repo(tmp_path / "reference", public_photos)
+    done = run_train_sh(reference, *common)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    repo = subjects_repo(tmp_path / "stopped", public_photos)
+    outputs = repo / "model_output"
+    process = subprocess.Popen([str(repo / "train.sh"), *common], cwd=repo.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=train_sh_env())
+    try:
+        deadline = time.monotonic() + 300
+        while min(logged_step(outputs / name) for name in SUBJECTS[:2]) < 2:  # one subject in training per device
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the first subjects never started"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)  # to train.sh alone, as `docker stop` or `kill` sends it
+        out, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "run the same ./train.sh command again" in err, err
+    assert "Traceback" not in err
+    assert not training_processes(repo), "a training process outlived train.sh"
+    stopped = []
+    for name in SUBJECTS:
+        folder = outputs / name
+        if (folder / META_FILE).is_file() or not (folder / "logs" / "train_log.jsonl").is_file():
+            continue  # finished before the signal, or never started
+        [checkpoint] = list_checkpoints(folder)
+        assert json.loads((checkpoint / CHECKPOINT_STATE).read_text())["step"] < STEPS
+        assert not (folder / ".lock").exists()
+        log = (folder / "logs" / "train_sh.log").read_text()
+        assert "stopped: SIGTERM at step" in log, log[-2000:]
+        stopped.append(name)
+    assert stopped, out
+    assert not (outputs / SUBJECTS[-1] / META_FILE).exists()  # no subject was started after the signal
+
+    again = run_train_sh(repo, *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    for name in SUBJECTS:
+        for file in (UVIT_LORA_FILE, TOKEN_FILE):
+            assert (outputs / name / file).read_bytes() == (reference / "model_output" / name / file).read_bytes(), \
+                (name, file)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_rank_of_a_distributed_run_stops_every_rank_after_the_same_step(tiny_config_file, photos,
+                                                                                      tmp_path):
+    """Two CPU processes (torchrun, gloo: accelerate's own launcher starts CPU ranks only through mpirun): SIGTERM to
+    rank 1 alone; libs/stopping.py's flag is summed over the ranks after every step, so both stop after the same
+    one, and rank 0 writes that step's checkpoint."""
+    out = tmp_path / "run"
+    command = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", str(REPO_ROOT / "train.py"),
+               "--config", str(tiny_config_file), "-d", str(photos), "-o", str(out), "--no_prior_preservation",
+               "--train_step", "400", "--checkpointing_steps", "1000", "--log_every", "1"]
+    env = {**train_sh_env(), "ACCELERATE_USE_CPU": "1"}
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while logged_step(out) < 3:
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.05)
+        [rank1] = [child for child in psutil.Process(process.pid).children(recursive=True)
+                   if child.environ().get("RANK") == "1"]
+        rank1.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    steps = re.findall(r"stopped: SIGTERM at step (\d+) of 400", err)
+    assert len(steps) == 2 and steps[0] == steps[1], err[-3000:]  # each rank says it stopped, after the same step
+    [checkpoint] = list_checkpoints(out)
+    assert json.loads((checkpoint / CHECKPOINT_STATE).read_text())["step"] == int(steps[0])
+    assert process.returncode != 0 and not (out / META_FILE).exists() and not (out / ".lock").exists()
