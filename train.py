@@ -20,8 +20,8 @@ import ml_collections
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.adapters.lora import LORA_TARGETS
-from libs.train import RECIPES, run_auto_recipe, train
+from libs.adapters.targets import LORA_TARGETS
+from libs.train.recipes import RECIPES
 
 # keys outside config.train that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -61,6 +61,8 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 
 def main(args: argparse.Namespace) -> None:
+    from libs.train import run_auto_recipe, train  # torch, peft, diffusers: loaded for the run, not for --help
+
     config = config_from_args(args)
     run = run_auto_recipe if config.train.auto_recipe else train
     run(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
