@@ -31,8 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end checks first: with several workers (`make test` runs pytest-xdist) the long ones
-    start at once instead of leaving one worker busy at the end while the others wait."""
+    """The slow end-to-end checks first: with several workers (`make test` runs pytest-xdist, `--dist worksteal`
+    in pytest.ini) the long ones start at once and an idle worker takes over the waiting ones, instead of one
+    worker busy with a long check at the end while the others wait."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
