@@ -22,6 +22,7 @@ from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
 from libs.adapters.targets import LORA_TARGETS
 from libs.train.recipes import RECIPES
+from libs.train_output import check_output
 
 # keys outside config.train that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -61,9 +62,10 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 
 def main(args: argparse.Namespace) -> None:
-    from libs.train import run_auto_recipe, train  # torch, peft, diffusers: loaded for the run, not for --help
-
     config = config_from_args(args)
+    check_output(args.outdir)  # a refused -o is named before torch, peft and diffusers load (for the run alone)
+    from libs.train import run_auto_recipe, train
+
     run = run_auto_recipe if config.train.auto_recipe else train
     run(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
         mixed_precision=args.mixed_precision)

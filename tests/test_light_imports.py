@@ -1,4 +1,4 @@
-"""The command lines answer `--help`, a usage error and (score.py, demo) a refused output folder without
+"""The command lines answer `--help`, a usage error and (train.py, score.py, demo) a refused output folder without
 importing torch, transformers, peft or diffusers: those cost seconds of CPU per process, and every bad-input
 run of a user (and of the test suite) would pay them. Real processes, their imports read from `-X importtime`."""
 from __future__ import annotations
@@ -21,7 +21,8 @@ def imported(argv: list[str], cwd: Path) -> tuple[subprocess.CompletedProcess, s
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run([sys.executable, "-X", "importtime", *argv], capture_output=True, text=True, cwd=cwd,
                           env=env, timeout=120)
-    names = {match.split(".")[0] for match in re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr, re.M)}
+    lines = re.findall(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", done.stderr, re.M)
+    names = {name.split(".")[0] for name in lines}
     return done, names
 
 
@@ -47,7 +48,8 @@ def test_a_usage_error_imports_no_heavy_library(argv, tmp_path):
     assert not names & set(HEAVY), sorted(names & set(HEAVY))
 
 
-@pytest.mark.parametrize("argv", [["score.py", "--outputs"], ["tools/demo.py", "--workdir"]])
+@pytest.mark.parametrize("argv", [["score.py", "--outputs"], ["tools/demo.py", "--workdir"],
+                                  ["train.py", "--config", "tiny", "-d", "photos", "-o"]])
 def test_a_refused_output_folder_imports_no_heavy_library(argv, tmp_path):
     taken = tmp_path / "taken.txt"
     taken.write_text("the user's file")

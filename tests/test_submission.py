@@ -136,7 +136,8 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
     shutil.rmtree(root / "model_output" / "girl2")
     (root / "model_output" / "boy2" / "personalization.json").write_text("[]")
     capsys.readouterr()
-    assert run_entry(make_submission, ["--dry-run", "--config", config, "--insightface_root", tmp_path / "nowhere"]) == 2
+    nowhere = tmp_path / "nowhere"
+    assert run_entry(make_submission, ["--dry-run", "--config", config, "--insightface_root", nowhere]) == 2
     refused = capsys.readouterr().err
     assert "Traceback" not in refused
     assert "model_output/girl2" in refused and "model_output/boy2" in refused and "insightface buffalo_l" in refused
