@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import ml_collections
-import torch
 
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.download import SAMPLING_WEIGHTS, ensure_weights
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.sample.rerank import build_reranker
-from libs.sample.runs import SampleRun, check_runs, discover_runs, render_runs
-from libs.sample.pipeline import resolve_device
 
+if TYPE_CHECKING:
+    from libs.sample.runs import SampleRun
 
 # keys outside config.sample that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "nnet_path": "paths.nnet"}
@@ -52,7 +51,7 @@ def build_parser(config: ml_collections.ConfigDict) -> argparse.ArgumentParser:
                         help="sample the plain base model on purpose (no personalization; --restore_path not read)")
     parser.add_argument(CONFIG_FLAG, default=DEFAULT_CONFIG,
                         help="config name in configs/ or a .py path (tiny: the toy world); the settings default to it")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None)  # None: cuda when available, else cpu (parse_args)
     settings = parser.add_argument_group("settings", "each sets the config.sample key of its name (--seed: the top-level "
                                          f"key; --nnet_path: paths.nnet); the defaults are the {CONFIG_FLAG} file's values")
     add_config_flags(settings, config, {**OTHER_KEYS, **block_keys(config, "sample")},
@@ -74,11 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("give --restore_path, --prompt_path and --output_path (or --all, as ./sample.sh does)")
     if args.split != "auto" and not args.all:
         parser.error("--advanced / --preliminary pick the runs of --all")
+    if args.device is None:
+        import torch  # once the arguments are known to be usable: --help and a usage error load no torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
 
 
 def plan_runs(args: argparse.Namespace) -> list[SampleRun]:
     """The runs to make (those of the working folder with --all), every input checked."""
+    from libs.sample.runs import SampleRun, check_runs, discover_runs
+
     if args.all:
         runs = discover_runs(Path.cwd(), args.split, base_model=args.base_model)
         print(f"found {len(runs)} prompt file(s): "
@@ -91,6 +96,10 @@ def plan_runs(args: argparse.Namespace) -> list[SampleRun]:
 
 
 def main(args: argparse.Namespace) -> None:
+    from libs.sample.pipeline import resolve_device  # torch, transformers, diffusers: for the run, not for --help
+    from libs.sample.rerank import build_reranker
+    from libs.sample.runs import render_runs
+
     config = apply_overrides(load_config(args.config), overrides(args))
     device = resolve_device(args.device)
     ensure_weights(config, SAMPLING_WEIGHTS)  # a missing weight file is named before anything else

@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from libs.config import DEFAULT_CONFIG
 from libs.errors import run_cli
 from libs.face import BACKENDS, INSIGHTFACE_ROOT
 from libs.outputs import check_output_folder
-from libs.score.report import check_report_files, summary_lines, task_lines, write_reports
-from libs.score.results import ScoreResult
-from libs.score.scorer import DEFAULT_PROMPT_ROOTS, Scorer, detect_runs, plan_run
-from libs.layout import ADVANCED, PRELIMINARY, SUBJECTS
+from libs.layout import ADVANCED, DEFAULT_PROMPT_ROOTS, PRELIMINARY, SUBJECTS
+
+if TYPE_CHECKING:
+    from libs.score.results import ScoreResult
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +60,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 def main(args: argparse.Namespace) -> list[ScoreResult]:
     check_output_folder(args.outputs, "--outputs (where the reports are written)")
+    from libs.score.report import check_report_files, summary_lines, task_lines, write_reports  # torch, transformers
+    from libs.score.scorer import Scorer, detect_runs, plan_run
+
     check_report_files(args.outputs)
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning

@@ -20,8 +20,9 @@ import ml_collections
 from libs.config import DEFAULT_CONFIG, apply_overrides, config_path, load_config
 from libs.errors import run_cli
 from libs.flags import CONFIG_FLAG, add_config_flags, block_keys, key_comments, overrides, selected_config
-from libs.adapters.lora import LORA_TARGETS
-from libs.train import RECIPES, run_auto_recipe, train
+from libs.adapters.targets import LORA_TARGETS
+from libs.train.recipes import RECIPES
+from libs.train_output import check_output
 
 # keys outside config.train that are flags too: flag name -> dotted key
 OTHER_KEYS = {"seed": "seed", "resolution": "resolution", "nnet_path": "paths.nnet"}
@@ -62,6 +63,9 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 def main(args: argparse.Namespace) -> None:
     config = config_from_args(args)
+    check_output(args.outdir)  # a refused -o is named before torch, peft and diffusers load (for the run alone)
+    from libs.train import run_auto_recipe, train
+
     run = run_auto_recipe if config.train.auto_recipe else train
     run(config, args.data, args.outdir, resume=args.resume, overwrite=args.overwrite,
         mixed_precision=args.mixed_precision)

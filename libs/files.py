@@ -10,13 +10,15 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
-
-import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 from libs.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported by the functions that read or write tensors: the JSON, hash and atomic-write
+# helpers here serve the command lines' early checks too, which stay free of torch (tests/test_light_imports.py)
 
 DOWNLOAD_HINT = "run `python tools/download.py` to fetch the official weights into models/"
 
@@ -37,6 +39,8 @@ def safe_torch_load(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
     """`torch.load` with `weights_only=True` (a pickle can run code; this one cannot), errors naming the file.
 
     `mmap` maps the file instead of reading it (zip-format files; legacy pickles fall back to a read)."""
+    import torch
+
     path = require_file(path, what)
     try:
         if mmap:
@@ -115,12 +119,16 @@ def _umask() -> int:
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
     """Atomic safetensors write (contiguous CPU copies, so views and GPU tensors are fine). Serialized in
     memory first, so a full disk is an OSError naming the file, not a library's internal error."""
+    from safetensors.torch import save
+
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     save_bytes(save(tensors, metadata=dict(metadata) if metadata else None), path)
 
 
 def save_torch(data: Any, path: str | Path) -> None:
     """Atomic `torch.save` (serialized in memory first, for the same reason as save_safetensors)."""
+    import torch
+
     buffer = io.BytesIO()
     torch.save(data, buffer)
     save_bytes(buffer.getvalue(), path)
@@ -132,6 +140,8 @@ def save_bytes(data: bytes, path: str | Path) -> None:
 
 
 def load_safetensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = require_file(path, what, hint="was it written by train.py?")
     try:
         return load_file(str(path))
@@ -140,7 +150,7 @@ def load_safetensors(path: str | Path, what: str = "safetensors file") -> dict[s
 
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
 def safetensors_files(folder: str | Path) -> list[Path]:
@@ -158,13 +168,15 @@ def safetensors_files(folder: str | Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-class LazySafetensors(Mapping[str, torch.Tensor]):
+class LazySafetensors(Mapping[str, "torch.Tensor"]):
     """The tensors of safetensors files, each read from its (memory-mapped) file only when asked for:
     comparing a model with its file tensor by tensor never holds a second copy of the model.
 
     `names` (name -> key in the files) exposes the tensors under other names, and only those."""
 
     def __init__(self, files: list[Path], names: Mapping[str, str] | None = None):
+        from safetensors import safe_open
+
         handles: dict[str, Any] = {}
         for path in files:
             try:
@@ -189,8 +201,11 @@ class LazySafetensors(Mapping[str, torch.Tensor]):
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The tensor's dtype, from the file header (None for one torch has no name for here)."""
+        import torch
+
         key = self._keys[name]
-        return _SAFETENSORS_DTYPES.get(self._handles[key].get_slice(key).get_dtype())
+        dtype = _SAFETENSORS_DTYPES.get(self._handles[key].get_slice(key).get_dtype())
+        return getattr(torch, dtype) if dtype else None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)

@@ -25,6 +25,8 @@ ADVANCED_SPLITS = ("sim", "edit")
 """The advanced evaluation's prompt files: eval_prompts_advance/<name>_sim.json and <name>_edit.json."""
 PROMPT_ROOTS = {PRELIMINARY: "eval_prompts", ADVANCED: "eval_prompts_advance"}
 """Where each split's prompt files live (spec §2)."""
+DEFAULT_PROMPT_ROOTS = {split: f"./{folder}/" for split, folder in PROMPT_ROOTS.items()}
+"""score.py with no --prompts looks in both splits' folders, as the command line spells them."""
 OUTPUTS = "outputs"
 TRAIN_DATA = "train_data"
 TRAIN_DATA_CROP = "train_data_crop"

@@ -26,8 +26,14 @@ this folder (an unfinished run's checkpoints) and must not import the training p
 """
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any, ContextManager
+
+from libs.locks import claimed_folder
+from libs.outputs import check_output_folder, only
 
 META_FILE = "personalization.json"
 UVIT_LORA_FILE = "uvit_lora.safetensors"
@@ -60,6 +66,29 @@ FAILED_FILE = "failed.json"  # in auto_recipe/: the recipes that diverged, with 
 # train.py refuses it (libs/outputs.py)
 OUTPUT_ENTRIES = (*OUTPUT_FILES, LOG_DIR, CHECKPOINT_DIR, VALIDATION_DIR, CANDIDATE_DIR, AUTO_DIR, REPORT_FILE,
                   REPORT_FILES_DIR)
+
+
+OUTPUT_WHAT = "output folder (-o)"
+
+
+def _holds_output() -> bool:
+    """Whether this process holds -o: rank 0 of a launched group, or a lone process. Read from the environment:
+    accelerate is not set up yet, and setting it up here would fix its state before the run's Accelerator
+    chooses it."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def claim_output(out_dir: str | Path) -> ContextManager[Any]:
+    """The output folder held by this run for its whole length (libs.locks), by the process that holds -o. An
+    existing folder holding anything but what a run writes (OUTPUT_ENTRIES) is someone else's and refused."""
+    return claimed_folder(out_dir, "train.py", OUTPUT_WHAT, only(*OUTPUT_ENTRIES)) if _holds_output() else nullcontext()
+
+
+def check_output(out_dir: str | Path) -> None:
+    """claim_output's check alone (nothing created, nothing locked): train.py runs it before it imports the
+    training stack, so a refused -o costs no torch import; the run claims the folder again."""
+    if _holds_output():
+        check_output_folder(out_dir, OUTPUT_WHAT, only(*OUTPUT_ENTRIES))
 
 
 def checkpoint_path(out_dir: Path, step: int) -> Path:

@@ -28,11 +28,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: full-size or end-to-end checks (run in CI; skip locally with -m 'not slow')")
+    # with -n (`make test`) and no --dist given, the workers share the queue (pytest-xdist's worksteal: an idle
+    # worker takes half of another's waiting tests). xdist's default `load` hands each worker a fixed first chunk
+    # of consecutive tests, so the slow checks, sorted first, all queued on one worker while the other ran dry.
+    if getattr(config.option, "dist", "no") == "load" and not any(
+            arg.startswith("--dist") for arg in config.invocation_params.args):
+        config.option.dist = "worksteal"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow end-to-end checks first: with several workers (`make test` runs pytest-xdist) the long ones
-    start at once instead of leaving one worker busy at the end while the others wait."""
+    """The slow end-to-end checks first: with several workers (`make test` runs pytest-xdist, sharing the queue:
+    pytest_configure) the long ones start at once and an idle worker takes over the waiting ones, instead of one
+    worker busy with a long check at the end while the others wait."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from entrypoints import script_repo
-from libs.layout import SUBJECTS
+import train
+from entrypoints import run_entry, script_repo
+from libs.layout import SUBJECTS, training_runs
 from libs.devices import DeviceError, Job, parse_devices, run_on_devices
 from libs.train_output import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
@@ -51,8 +52,19 @@ def test_train_sh_refuses_an_unknown_device_before_training(tmp_path, tiny_confi
     assert not (repo / "model_output").exists()
 
 
+def train_serially(repo: Path, *args: str) -> None:
+    """What the serial train.sh writes for `args`, trained in this process: train.py with the arguments train.sh
+    gives it (fp16 as `accelerate launch --mixed_precision fp16`, no class set, --resume latest). train.sh's serial
+    loop itself runs as a process in tests/test_train.py::test_train_sh_runs_the_four_subjects_in_order."""
+    for run in training_runs(repo):
+        _, _, data, out = run.split(":")
+        assert run_entry(train, ["-d", data, "-o", out, "--no_prior_preservation", "--resume", "latest", *args,
+                                 "--mixed_precision", "fp16"]) == 0
+
+
 @pytest.mark.slow
-def test_train_sh_on_two_cpu_processes_writes_the_serial_personalizations(tmp_path, tiny_config_file, public_photos):
+def test_train_sh_on_two_cpu_processes_writes_the_serial_personalizations(tmp_path, tiny_config_file, public_photos,
+                                                                          fresh_accelerate_state):
     folders = {}
     for mode in ("serial", "devices"):
         repo = script_repo(tmp_path / mode)
@@ -61,8 +73,7 @@ def test_train_sh_on_two_cpu_processes_writes_the_serial_personalizations(tmp_pa
             public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
         folders[mode] = repo / "model_output"
     common = ["--config", str(tiny_config_file), "--train_step", "1"]
-    serial = run_train_sh(tmp_path / "serial", *common)
-    assert serial.returncode == 0, serial.stderr[-3000:]
+    train_serially(tmp_path / "serial", *common)
 
     # one subject's photo is unreadable: it fails, the three others still finish, the failure names it
     broken = tmp_path / "devices" / "train_data" / "girl1" / "a.jpg"

@@ -9,6 +9,7 @@ The signals are real (os.kill), sent from the hooks train() offers (on_step, sco
 known point; the exit status and message of a real process are checked in the subprocess tests."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -20,8 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 import sample
+from conftest import write_photos
 from entrypoints import run_entry, script_repo
 from libs.config import REPO_ROOT
 from libs.errors import Interrupted
@@ -30,7 +33,6 @@ from libs.train import METRICS, Rendered, ValidationScores, run_auto_recipe
 from libs.train import train as train_fn
 from libs.train_output import (AUTO_DIR, CHECKPOINT_DIR, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE, CHECKPOINT_WEIGHTS,
                                META_FILE, TABLE_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints)
-from libs.tiny_submission import write_personalization
 
 STEPS = 8
 RESULT_FILES = (UVIT_LORA_FILE, TOKEN_FILE)
@@ -75,11 +77,19 @@ def result(out: Path) -> dict:
             "selection": meta["selection"], "trained_steps": meta.get("trained_steps")}
 
 
-@pytest.fixture()
-def uninterrupted(tiny_config, photos, tmp_path) -> dict:
-    out = tmp_path / "uninterrupted"
-    train_fn(configure(tiny_config), photos, out, score_fn=Scores())
-    return result(out)
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_session_config, public_photos, tmp_path_factory) -> dict:
+    """The run every interrupted one must end equal to: trained once for the module (on one thread, as the
+    tests' runs are: the autouse one_thread fixture is not set up yet for a module-scoped one)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_fn(configure(copy.deepcopy(tiny_session_config)), write_photos(root, public_photos), root / "out",
+                 score_fn=Scores())
+    finally:
+        torch.set_num_threads(threads)
+    return result(root / "out")
 
 
 def assert_complete_checkpoints(out: Path) -> list[Path]:
@@ -212,10 +222,8 @@ SAMPLE_ARGS = ["--config", "config.py", "--steps", "30", "--device", "cpu"]
 
 
 @pytest.mark.slow
-def test_sample_sh_stopped_leaves_whole_images_and_skip_existing_completes_them(tiny_config, tiny_config_file,
+def test_sample_sh_stopped_leaves_whole_images_and_skip_existing_completes_them(tiny_config_file, personalization,
                                                                                tmp_path, monkeypatch):
-    personalization = tmp_path / "boy1"
-    write_personalization(tiny_config, personalization, rank=2, class_word="boy", seed=0)
     reference = _sample_layout(tmp_path / "reference", personalization, tiny_config_file)
     monkeypatch.chdir(reference)
     assert run_entry(sample, ["--all", *SAMPLE_ARGS]) == 0

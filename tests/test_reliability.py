@@ -26,7 +26,6 @@ from libs.files import cached_sha256, hash_cache_dir
 from libs.config import REPO_ROOT
 from libs.photos import image_is_complete
 from libs.prompts import image_name
-from libs.tiny_submission import write_personalization
 from libs.train_output import CHECKPOINT_DIR, META_FILE, list_checkpoints
 from conftest import copy_folder, write_config_file, write_photos
 

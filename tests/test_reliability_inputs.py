@@ -4,11 +4,13 @@ candidate of the step selection. Each is one `error:` line (exit 2) naming what 
 logged recovery; nothing is lost, nothing damaged is trusted or silently retrained."""
 from __future__ import annotations
 
+import copy
 import json
 import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import sample
 import train
@@ -19,7 +21,7 @@ from libs.train import train as train_fn
 from libs.train_output import AUTO_DIR, FAILED_FILE, META_FILE, TABLE_FILE, candidate_files
 from test_auto_recipe import RecipeCurves
 from test_reliability import refused, sample_args, train_args
-from conftest import stop_at
+from conftest import copy_folder, stop_at, write_photos
 
 
 # --- config files -----------------------------------------------------------------------------------
@@ -96,20 +98,35 @@ def test_a_diverging_recipe_is_recorded_as_failed_and_the_search_goes_on(tiny_co
     assert again.calls == []
 
 
+@pytest.fixture(scope="module")
+def stopped_search(tiny_session_config, public_photos, tmp_path_factory) -> tuple[Path, Path]:
+    """(a search stopped after its first recipe (base) finished, its photos), made once for the module (on one
+    thread, as the tests' runs are). Read-only: a test damages `half_search`, its own copy."""
+    root = tmp_path_factory.mktemp("half_search")
+    photos = write_photos(root, public_photos)
+    config = search_config(copy.deepcopy(tiny_session_config), auto_recipes=("base", "half_rank"), lr=1e-4,
+                           text_lr=1e-4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_auto_recipe(config, photos, root / "out", score_fn=RecipeCurves(stop_at="half_rank"))
+    finally:
+        torch.set_num_threads(threads)
+    assert (root / "out" / AUTO_DIR / "base" / META_FILE).is_file()
+    return root / "out", photos
+
+
 @pytest.fixture()
-def half_search(tiny_config, photos, tmp_path) -> Path:
-    """A search stopped after its first recipe (base) finished."""
-    out = tmp_path / "out"
-    config = search_config(tiny_config, auto_recipes=("base", "half_rank"), lr=1e-4, text_lr=1e-4)
-    with pytest.raises(KeyboardInterrupt):
-        run_auto_recipe(config, photos, out, score_fn=RecipeCurves(stop_at="half_rank"))
-    assert (out / AUTO_DIR / "base" / META_FILE).is_file()
-    return out
+def half_search(stopped_search, tmp_path) -> Path:
+    """This test's copy of the stopped search."""
+    return copy_folder(stopped_search[0], tmp_path / "out")
 
 
 @pytest.mark.parametrize("damage", ["not_json", "no_selection"])
-def test_a_damaged_recipe_record_is_named_before_anything_trains(damage, half_search, tiny_config_file, photos,
-                                                                  capsys):
+def test_a_damaged_recipe_record_is_named_before_anything_trains(damage, half_search, stopped_search,
+                                                                  tiny_config_file, capsys):
+    photos = stopped_search[1]
     record = half_search / AUTO_DIR / "base" / META_FILE
     if damage == "not_json":
         record.write_text('{"selection": ')
@@ -124,7 +141,8 @@ def test_a_damaged_recipe_record_is_named_before_anything_trains(damage, half_se
     assert not (half_search / AUTO_DIR / "half_rank" / META_FILE).exists()  # nothing trained meanwhile
 
 
-def test_a_damaged_failure_record_is_named(half_search, tiny_config, photos):
+def test_a_damaged_failure_record_is_named(half_search, stopped_search, tiny_config):
+    photos = stopped_search[1]
     (half_search / AUTO_DIR / FAILED_FILE).write_text("[1, 2")
     config = search_config(tiny_config, auto_recipes=("base", "half_rank"), lr=1e-4, text_lr=1e-4)
     with pytest.raises(TrainingError, match=rf"{re.escape(str(half_search / AUTO_DIR / FAILED_FILE))} is damaged"):

@@ -26,7 +26,6 @@ from bench import bench_uvit
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.errors import run_cli
-from libs.tiny_submission import write_personalization
 from test_reliability import tmpfs
 from tools import class_images, crop, demo, download, make_submission, tiny_world
 
@@ -94,14 +93,14 @@ FAULTS = ("file", "inside_a_file", "read_only", "full_disk", "foreign_folder")
 
 
 @pytest.fixture()
-def inputs(tmp_path, tiny_config, tiny_config_file, photos) -> dict[str, Path]:
-    """Valid inputs for every program, outside the area the output faults are made in."""
+def inputs(tmp_path, tiny_config_file, photos, personalization) -> dict[str, Path]:
+    """Valid inputs for every program, outside the area the output faults are made in (the personalization is
+    the session's, read-only)."""
     prompts = tmp_path / "eval_prompts" / "boy1.json"
     prompts.parent.mkdir()
     prompts.write_text(json.dumps(["a boy smiling"]))
-    restore = tmp_path / "model_output" / "boy1"
-    write_personalization(tiny_config, restore, rank=2, class_word="boy", seed=0)
-    return {"root": tmp_path, "config": tiny_config_file, "photos": photos, "prompts": prompts, "restore": restore}
+    return {"root": tmp_path, "config": tiny_config_file, "photos": photos, "prompts": prompts,
+            "restore": personalization}
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:

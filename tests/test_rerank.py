@@ -12,7 +12,6 @@ import pytest
 
 import sample
 import score
-from conftest import tiny_world_config
 from entrypoints import run_entry
 from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE, load_record
 from libs.prompts import image_name
@@ -21,7 +20,6 @@ from libs.sample.runs import SampleRun
 from libs.train_output import RUN_FILE
 from libs.score.report import REPORT_HTML, RESULTS_JSON
 from libs.score.scorer import Scorer
-from libs.tiny_submission import write_personalization
 from test_sample_runs import COUNT_LINE, run_sample_sh, workspace
 
 PROMPTS = ["a boy standing in the wild", "a photo of a boy smiling"]
@@ -29,11 +27,10 @@ FAST = ["--steps", "2", "--device", "cpu"]
 DLIB = ["--rerank_face_backend", "dlib"]
 
 
-@pytest.fixture(scope="module")
-def restore(tiny_world, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("personalization") / "boy1"
-    write_personalization(tiny_world_config(tiny_world), folder, rank=2, class_word="boy", seed=3)
-    return folder
+@pytest.fixture()
+def restore(personalization) -> Path:
+    """The session's personalization of a boy (read-only)."""
+    return personalization
 
 
 @pytest.fixture()
@@ -216,13 +213,11 @@ def test_a_single_run_defaults_to_the_photo_folder_train_py_recorded(restore, ph
 
 
 @pytest.mark.slow
-def test_sample_sh_with_two_candidates_renders_the_advanced_split(tmp_path, tiny_config_file, tiny_world, public_photos,
-                                                                   monkeypatch, capsys):
-    from libs.tiny_submission import write_subjects
+def test_sample_sh_with_two_candidates_renders_the_advanced_split(tmp_path, tiny_config_file, subject_personalizations,
+                                                                   public_photos, monkeypatch, capsys):
     from libs.layout import SUBJECTS
 
-    trained = write_subjects(tiny_world_config(tiny_world), tmp_path / "trained")
-    root = workspace(tmp_path / "ws", trained, advanced=True)
+    root = workspace(tmp_path / "ws", subject_personalizations, advanced=True)
     for name in SUBJECTS:
         (root / "train_data" / name).mkdir(parents=True)
         portrait = public_photos["astronaut" if name.startswith("girl") else "grace_hopper"]

@@ -18,7 +18,6 @@ from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.prompts import image_name
 from libs.layout import SUBJECTS
-from libs.tiny_submission import tiny_world_config, write_subjects
 
 COUNT_LINE = re.compile(r"^finetuned parameters: (\d+)$", re.MULTILINE)
 FAST = ["--steps", "2", "--device", "cpu"]

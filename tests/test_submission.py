@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import libs.submission
+from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.errors import UserError
 from libs.download import resolve_pretrained
 from libs.layout import SUBJECTS
 from libs.submission import SAMPLE_ARGS_ENV
-from libs.tiny_submission import (synthetic_face, tiny_world_config, write_grader_config, write_grader_mounts,
-                                  write_subjects, write_tiny_insightface_pack)
+from tools import make_submission
+from libs.tiny_submission import synthetic_face, write_grader_config, write_grader_mounts, write_tiny_insightface_pack
 
 NETWORK_BLOCKER = '''import os, socket
 
@@ -91,7 +93,10 @@ def test_offline_without_the_model_names_it(tmp_path, tiny_config_file):
     assert not (tmp_path / "out").exists()
 
 
-def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, subject_personalizations):
+def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world, subject_personalizations, monkeypatch,
+                                                           capsys):
+    """The README's dry run as a real process from the project copy; the other modes in this process with the
+    copy as the project (what the tool's own location gives a process)."""
     root = project_copy(tmp_path / "project", subject_personalizations)
     pack = tmp_path / "insightface"
     write_tiny_insightface_pack(pack)
@@ -110,15 +115,17 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
         assert f'-v "$PWD/{mount}:/workspace/{mount}"' in done.stdout
     assert "--network none" in done.stdout and "/workspace/sample.sh > /workspace/results.log 2>&1" in done.stdout
     assert not (root / "build").exists()  # a dry run copies nothing
-    best_of = run_tool(tmp_path, [tool, "--dry-run", "--name", "team", "--config", config, "--insightface_root", pack,
-                                  "--candidates", "4"])
-    assert best_of.returncode == 0, best_of.stderr
-    assert f"docker build -t team:submit --build-arg 'SAMPLE_ARGS=--candidates 4' {root}" in best_of.stdout
-    assert "sample.py --all --candidates 4 (best-of-4" in best_of.stdout
-    assert f"ENV {SAMPLE_ARGS_ENV}=" in (REPO_ROOT / "Dockerfile").read_text() and SAMPLE_ARGS_ENV in best_of.stdout
+    monkeypatch.setattr(libs.submission, "REPO_ROOT", root)
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run_entry(make_submission, ["--dry-run", "--name", "team", "--config", config, "--insightface_root", pack,
+                                       "--candidates", "4"]) == 0
+    best_of = capsys.readouterr().out
+    assert f"docker build -t team:submit --build-arg 'SAMPLE_ARGS=--candidates 4' {root}" in best_of
+    assert "sample.py --all --candidates 4 (best-of-4" in best_of
+    assert f"ENV {SAMPLE_ARGS_ENV}=" in (REPO_ROOT / "Dockerfile").read_text() and SAMPLE_ARGS_ENV in best_of
 
-    staged = run_tool(tmp_path, [tool, "--stage-only", "--config", config, "--insightface_root", pack])
-    assert staged.returncode == 0, staged.stderr
+    assert run_entry(make_submission, ["--stage-only", "--config", config, "--insightface_root", pack]) == 0
     models = root / "build" / "submission" / "models"
     assert (models / "clip-vit-large-patch14" / "config.json").is_file()
     assert (models / "clip-vit-base-patch32" / "model.safetensors").is_file()
@@ -127,10 +134,12 @@ def test_make_submission_checks_inputs_and_prints_the_plan(tmp_path, tiny_world,
 
     shutil.rmtree(root / "model_output" / "girl2")
     (root / "model_output" / "boy2" / "personalization.json").write_text("[]")
-    refused = run_tool(tmp_path, [tool, "--dry-run", "--config", config, "--insightface_root", tmp_path / "nowhere"])
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "model_output/girl2" in refused.stderr and "model_output/boy2" in refused.stderr
-    assert "insightface buffalo_l" in refused.stderr
+    capsys.readouterr()
+    nowhere = tmp_path / "nowhere"
+    assert run_entry(make_submission, ["--dry-run", "--config", config, "--insightface_root", nowhere]) == 2
+    refused = capsys.readouterr().err
+    assert "Traceback" not in refused
+    assert "model_output/girl2" in refused and "model_output/boy2" in refused and "insightface buffalo_l" in refused
 
 
 @pytest.mark.slow

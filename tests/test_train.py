@@ -27,7 +27,7 @@ from libs.models.loading import build_uvit, load_autoencoder, load_text_encoder,
 from libs.adapters.param_count import count_finetuned_parameters
 from libs.personalization import load_personalization
 from libs.prompts import fill_prompt
-from libs.layout import class_word_from_path
+from libs.layout import SUBJECTS, class_word_from_path
 from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
 from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
                                TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
@@ -293,26 +293,29 @@ def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, pu
         public_photos["astronaut"].save(folder / "a.jpg")
 
     subject(repo / "train_data_crop" / "boy1")
-    subject(repo / "train_data" / "boy2")
     (repo / "train_data" / "boy1").mkdir(parents=True)  # empty: must not be used, the crops exist
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
     command = [str(repo / "train.sh"), "--config", str(tiny_config_file), "--train_step", "1"]
 
     first = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert first.returncode == 1
-    assert "no photos for girl1" in first.stderr and "=== girl2" not in first.stdout
-    assert first.stdout.index("=== boy1: train_data_crop/boy1") < first.stdout.index("=== boy2: train_data/boy2")
+    assert "no photos for boy2" in first.stderr and "=== girl1" not in first.stdout
+    assert "=== boy1: train_data_crop/boy1" in first.stdout
     assert "without prior preservation" in first.stderr
-    for name in ("boy1", "boy2"):
-        assert json.loads((repo / "model_output" / name / META_FILE).read_text())["steps"] == 1
+    assert json.loads((repo / "model_output" / "boy1" / META_FILE).read_text())["steps"] == 1
+    assert not (repo / "model_output" / "boy2").exists()
 
+    subject(repo / "train_data" / "boy2")
     subject(repo / "train_data" / "girl1")
     subject(repo / "train_data" / "girl2")
     finished = (repo / "model_output" / "boy1" / UVIT_LORA_FILE).stat().st_mtime_ns
     second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (repo / "model_output" / "boy1" / UVIT_LORA_FILE).stat().st_mtime_ns == finished
-    assert second.stdout.count("nothing to resume") == 2
+    assert second.stdout.count("nothing to resume") == 1
+    assert second.stdout.index("=== boy1: train_data_crop/boy1") < second.stdout.index("=== boy2: train_data/boy2")
+    for name in SUBJECTS:
+        assert json.loads((repo / "model_output" / name / META_FILE).read_text())["steps"] == 1
     assert json.loads((repo / "model_output" / "girl2" / META_FILE).read_text())["class_word"] == "girl"
 
 

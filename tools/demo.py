@@ -27,9 +27,7 @@ from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
 from libs.config import REPO_ROOT  # noqa: E402
 from libs.errors import UserError, run_cli  # noqa: E402
 from libs.outputs import check_output_folder, only  # noqa: E402
-from libs.score.report import REPORT_HTML  # noqa: E402
 from libs.train_output import AUTO_DIR, REPORT_FILE  # noqa: E402
-from libs.tiny_world import build_tiny_world  # noqa: E402
 
 ASSETS = REPO_ROOT / "assets" / "demo"
 SUBJECT = "girl_demo"
@@ -98,6 +96,9 @@ def run_demo(workdir: Path, train_step: int = 30, sample_steps: int = 6, validat
     the curves and the chosen step mean something); returns where the artefacts are."""
     workdir = workdir.resolve()
     check_output_folder(workdir, "demo folder (--workdir)", only(*DEMO_FOLDERS))
+    from libs.score.report import REPORT_HTML  # torch, transformers: after the folder check (a refusal loads none)
+    from libs.tiny_world import build_tiny_world
+
     print(f"tiny world: {build_tiny_world('tiny')}")
     data = prepare_demo_data(workdir)
     crops = workdir / "train_data_crop"

@@ -16,14 +16,8 @@ from libs.files import CheckpointError, key_mismatches
 from libs.errors import UserError
 from libs.models.clip import CLIPTextEncoder
 from libs.precision import place_for_inference
-
-BLOCK_TARGETS = {"qkv": "attn.qkv", "proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2", "skip_linear": "skip_linear"}
-"""A per-block target name -> its module's path inside every transformer block."""
-TOP_LEVEL_TARGETS = ("text_embed", "clip_img_embed", "text_out", "clip_img_out", "decoder_pred", "patch_embed.proj")
-LORA_TARGETS = (*BLOCK_TARGETS, *TOP_LEVEL_TARGETS)
-"""Every name --lora_targets accepts."""
-DEFAULT_UVIT_TARGETS = ("qkv", "proj", "fc1", "fc2", "text_embed", "clip_img_embed")
-TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+from libs.adapters.targets import (BLOCK_TARGETS, DEFAULT_UVIT_TARGETS, LORA_TARGETS, TEXT_LORA_TARGETS,  # noqa: F401
+                                   TOP_LEVEL_TARGETS)
 
 
 class LoraTargetError(UserError):

@@ -35,12 +35,10 @@ from libs.prompts import image_name, load_prompts
 from libs.score.metrics import METRICS, ImageView
 from libs.score.report import write_reports
 from libs.score.results import ImageScore, PromptScore, Reference, ScoreResult, TaskResult
-from libs.layout import (ADVANCED, PART_LABELS, PRELIMINARY, PROMPT_ROOTS, SPLITS, SUBJECTS, Task,
-                         split_tasks, tasks_with)
+from libs.layout import (ADVANCED, DEFAULT_PROMPT_ROOTS, PART_LABELS, PRELIMINARY, SPLITS, SUBJECTS, Task, split_tasks,
+                         tasks_with)
 
 IMAGES_PER_PROMPT = 3
-DEFAULT_PROMPT_ROOTS = {split: f"./{folder}/" for split, folder in PROMPT_ROOTS.items()}
-"""score.py with no --prompts looks in both splits' folders (libs/layout.py)."""
 
 
 class ScoringError(UserError):

@@ -18,36 +18,49 @@
     curves.py       the validation curves as a PNG
     validation.py   fixed-noise loss, and the validation images rendered, scored and logged during training
     loop.py         train(): the recipe
+    recipes.py      the documented recipes the search tries (RECIPES)
     auto_recipe.py  run_auto_recipe(): a budgeted search over documented recipes, best by objective - penalty
     search_devices.py  the parallel search's recipe processes (--auto_devices): failures, stop, resume
-"""
-from libs.train.batches import Batch, BatchMaker, ViewSampler, loss_terms, noisy_batch, total_loss
-from libs.train.checkpoints import RESUMABLE_CHANGES, load_checkpoint, recipe_differences, save_checkpoint
-from libs.train.encodings import ImageEncoder, LatentSource, TrainData, build_data, describe_sources, vae_pixels
-from libs.train.images import (CROP_MODES, TrainImage, load_class_images, load_instance_images, square_crop)
-from libs.train.loop import TrainResult, train
-from libs.train.model import JointNoisePredictor, Models, build_models, count_trainable
-from libs.train.optim import SCHEDULERS, make_optimizer, make_scheduler
-from libs.train.plan import Plan, TrainingError, make_plan
-from libs.train.logs import RunLog
-from libs.train.validation import fixed_noise_loss
-from libs.train.metrics import MetricScorer, ScoreFn, ValidationScores
-from libs.train.validation_set import Rendered, ValidationSet
-from libs.train.selection import METRICS, Objective, Selection
-from libs.train.auto_recipe import RECIPES, run_auto_recipe
 
-__all__ = [
-    "Batch", "BatchMaker", "ViewSampler", "loss_terms", "noisy_batch", "total_loss",
-    "RESUMABLE_CHANGES", "load_checkpoint", "recipe_differences", "save_checkpoint",
-    "ImageEncoder", "LatentSource", "TrainData", "build_data", "describe_sources", "vae_pixels",
-    "CROP_MODES", "TrainImage", "load_class_images", "load_instance_images", "square_crop",
-    "TrainResult", "train",
-    "JointNoisePredictor", "Models", "build_models", "count_trainable",
-    "SCHEDULERS", "make_optimizer", "make_scheduler",
-    "Plan", "TrainingError", "make_plan",
-    "RunLog",
-    "fixed_noise_loss",
-    "MetricScorer", "Rendered", "ScoreFn", "ValidationScores", "ValidationSet",
-    "METRICS", "Objective", "Selection",
-    "RECIPES", "run_auto_recipe",
-]
+The names below are imported from their module on first use (PEP 562), so that importing a light module of
+the package (recipes.py for train.py's flags) does not load torch, peft and diffusers with the rest.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "batches": ("Batch", "BatchMaker", "ViewSampler", "loss_terms", "noisy_batch", "total_loss"),
+    "checkpoints": ("RESUMABLE_CHANGES", "load_checkpoint", "recipe_differences", "save_checkpoint"),
+    "encodings": ("ImageEncoder", "LatentSource", "TrainData", "build_data", "describe_sources", "vae_pixels"),
+    "images": ("CROP_MODES", "TrainImage", "load_class_images", "load_instance_images", "square_crop"),
+    "loop": ("TrainResult", "train"),
+    "model": ("JointNoisePredictor", "Models", "build_models", "count_trainable"),
+    "optim": ("SCHEDULERS", "make_optimizer", "make_scheduler"),
+    "plan": ("Plan", "TrainingError", "make_plan"),
+    "logs": ("RunLog",),
+    "validation": ("fixed_noise_loss",),
+    "metrics": ("MetricScorer", "ScoreFn", "ValidationScores"),
+    "validation_set": ("Rendered", "ValidationSet"),
+    "selection": ("METRICS", "Objective", "Selection"),
+    "recipes": ("RECIPES",),
+    "auto_recipe": ("run_auto_recipe",),
+}
+"""module of libs/train -> the public names the package gives from it"""
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    """A public name, imported from its module the first time it is asked for."""
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -8,13 +8,11 @@ the best validated step's (libs/train/selection.py).
 from __future__ import annotations
 
 import math
-import os
 import signal
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager
+from typing import Any, Callable
 
 import ml_collections
 import torch
@@ -23,8 +21,6 @@ from tqdm.auto import tqdm
 
 from libs.errors import Interrupted
 from libs.face import FaceModelFailed
-from libs.locks import claimed_folder
-from libs.outputs import only
 from libs.personalization import save_personalization
 from libs.precision import DTYPES, autocast
 from libs.stopping import StopSignals, resume_command
@@ -44,8 +40,8 @@ from libs.train.records import personalization_meta, write_run_file
 from libs.train.summary import start_summary
 from libs.train.selection import Selection
 from libs.train.validation import Validation
-from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CURVES_FILE, OUTPUT_ENTRIES, VALIDATION_DIR,
-                               candidate_path, list_checkpoints, prepare_output, remove_checkpoints)
+from libs.train_output import (CHECKPOINT_DIR, CHECKPOINT_EMA, CURVES_FILE, VALIDATION_DIR, candidate_path, claim_output,
+                               list_checkpoints, prepare_output, remove_checkpoints)
 
 
 @dataclass
@@ -76,15 +72,6 @@ def train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str 
     hint = f"the last complete checkpoint is kept; continue with: {resume_command()}"
     with StopSignals(hint) as stop, claim_output(out_dir):
         return _train(config, data_dir, out_dir, resume, overwrite, mixed_precision, on_step, score_fn, stop)
-
-
-def claim_output(out_dir: str | Path) -> ContextManager[Any]:
-    """The output folder held by this run for its whole length (libs.locks): by rank 0 of a launched group,
-    or a lone process. Read from the environment: accelerate is not set up yet, and setting it up here would
-    fix its state before the run's Accelerator chooses it. An existing folder holding anything but what a run
-    writes (OUTPUT_ENTRIES) is someone else's and refused."""
-    main_process = int(os.environ.get("RANK", "0")) == 0
-    return claimed_folder(out_dir, "train.py", "output folder (-o)", only(*OUTPUT_ENTRIES)) if main_process else nullcontext()
 
 
 def _train(config: ml_collections.ConfigDict, data_dir: str | Path, out_dir: str | Path, resume: str | None,
