@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from copy import deepcopy
 import os
 import re
 import subprocess
@@ -186,26 +185,6 @@ def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file,
         meta = json.loads((repo / "model_output" / name / META_FILE).read_text())
         assert meta["auto_recipe"]["winner"] in ("base", "half_rank")
         assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
-
-
-@pytest.mark.slow
-def test_a_search_over_two_cpu_processes_gives_the_serial_table_and_winner(tiny_config, photos, tmp_path, monkeypatch):
-    """--auto_devices cpu,cpu: one process per device, the same numbers (same seeds) and the same winner."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the device processes compute as this one (one thread)
-    results = {}
-    for devices in ("", "cpu,cpu"):
-        config = auto_config(deepcopy(tiny_config))
-        config.train.update(auto_recipes=("base", "half_rank", "vera"), auto_budget=6, validation_face_backend="none",
-                            auto_devices=devices)
-        out = tmp_path / (devices or "serial") / "girl1"
-        run_auto_recipe(config, photos, out)
-        with open(out / AUTO_DIR / TABLE_FILE, newline="") as handle:
-            results[devices] = (list(csv.DictReader(handle)), (out / TOKEN_FILE).read_bytes())
-    serial, parallel = results[""], results["cpu,cpu"]
-    assert parallel[0] == serial[0] and all(row["score"] for row in serial[0])
-    assert parallel[1] == serial[1]  # the winner's adapters, bitwise
-    logs = tmp_path / "cpu,cpu" / "girl1" / AUTO_DIR / "logs"
-    assert {p.name for p in logs.glob("*.log")} == {"base.log", "half_rank.log", "vera.log"}
 
 
 @pytest.mark.parametrize("devices, message", [("gpu7", r"device list 'gpu7': unknown device 'gpu7'"),

@@ -5,9 +5,6 @@ one `error:` line and exit 2 before anything is written, or a run that reads pas
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ import train
 from conftest import stop_at
 from entrypoints import run_entry
 from libs import devices
-from libs.config import REPO_ROOT
 from libs.errors import run_cli
 from libs.score.candidates import CANDIDATES_DIR, CANDIDATES_FILE
 from libs.score.report import REPORT_HTML
@@ -125,20 +121,6 @@ def test_device_lists_that_name_no_device_here(listed, pattern, tiny_config_file
 def test_cpu_devices_are_named_as_one_device_kind(capsys):
     run_cli(lambda: devices.main(["cpu, cpu:1"]))
     assert capsys.readouterr().out.splitlines() == ["cpu -", "cpu -"]
-
-
-@pytest.mark.slow
-def test_a_parallel_search_with_relative_paths_runs_where_it_was_started(tiny_config_file, photos, tmp_path):
-    """The recipe processes run in the search's folder: a relative -o and config paths mean the same to them."""
-    (tmp_path / "config.py").write_text(tiny_config_file.read_text())
-    command = [sys.executable, str(REPO_ROOT / "train.py"), "--config", "config.py",
-               "-d", str(photos.relative_to(tmp_path)), "-o", "search", "--no_prior_preservation", "--train_step", "1",
-               "--validation_steps", "1", "--validation_face_backend", "none", "--auto_recipe", "--auto_recipes",
-               "base", "--auto_devices", "cpu"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (tmp_path / "search" / META_FILE).is_file()
 
 
 # --- HTML reports -------------------------------------------------------------------------------------
