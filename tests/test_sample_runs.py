@@ -89,16 +89,20 @@ def test_sample_sh_renders_the_advanced_split_in_one_process(tmp_path, tiny_conf
 
 
 @pytest.mark.slow
-def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file, subject_personalizations):
+def test_sample_sh_with_both_splits_makes_twelve_runs(tmp_path, tiny_config_file, subject_personalizations,
+                                                      monkeypatch, capsys):
     root = workspace(tmp_path / "ws", subject_personalizations, preliminary=True, advanced=True)
     done = run_sample_sh(root, tiny_config_file, "--n_samples", "1")
     assert done.returncode == 0, done.stderr
     assert len(COUNT_LINE.findall(done.stdout)) == 12 and "found 12 prompt file(s)" in done.stdout
     assert all((root / "outputs" / task / "0-000.jpg").is_file()
                for name in SUBJECTS for task in (name, f"{name}_sim", f"{name}_edit"))
-    only = run_sample_sh(root, tiny_config_file, "--n_samples", "1", "--preliminary", "--skip_existing")
-    assert only.returncode == 0, only.stderr
-    assert len(COUNT_LINE.findall(only.stdout)) == 4 and only.stdout.count("nothing to sample") == 4
+    # one split again (what sample.sh runs: sample.py --all with its flags), in this process
+    monkeypatch.chdir(root)
+    assert run_entry(sample, ["--all", "--config", tiny_config_file, *FAST, "--n_samples", "1", "--preliminary",
+                              "--skip_existing"]) == 0
+    printed = capsys.readouterr().out
+    assert len(COUNT_LINE.findall(printed)) == 4 and printed.count("nothing to sample") == 4
 
 
 def test_a_personalization_swap_is_exact(tmp_path, tiny_config_file, subject_personalizations, monkeypatch):
