@@ -1,6 +1,6 @@
-"""Runs spread over devices (libs/devices.py): the device list is checked before anything runs, and
-`train.sh --devices cpu,cpu` trains the four subjects concurrently into the personalizations a serial train.sh
-writes, with per-subject logs, every subject running to its end when one fails."""
+"""Runs spread over devices (libs/devices.py): the device list is checked before anything runs, jobs run on every
+device; the helpers that run train.sh. `train.sh --devices cpu,cpu` writing the serial train.sh's personalizations
+(through a stop and a failing subject) is tests/test_multiprocess_stop.py."""
 from __future__ import annotations
 
 import os
@@ -12,9 +12,8 @@ import pytest
 
 import train
 from entrypoints import run_entry, script_repo
-from libs.layout import SUBJECTS, training_runs
+from libs.layout import training_runs
 from libs.devices import DeviceError, Job, parse_devices, run_on_devices
-from libs.train_output import META_FILE, TOKEN_FILE, UVIT_LORA_FILE
 
 
 def test_a_device_list_names_devices_that_exist():
@@ -60,37 +59,3 @@ def train_serially(repo: Path, *args: str) -> None:
         _, _, data, out = run.split(":")
         assert run_entry(train, ["-d", data, "-o", out, "--no_prior_preservation", "--resume", "latest", *args,
                                  "--mixed_precision", "fp16"]) == 0
-
-
-@pytest.mark.slow
-def test_train_sh_on_two_cpu_processes_writes_the_serial_personalizations(tmp_path, tiny_config_file, public_photos,
-                                                                          fresh_accelerate_state):
-    folders = {}
-    for mode in ("serial", "devices"):
-        repo = script_repo(tmp_path / mode)
-        for name in SUBJECTS:
-            (repo / "train_data" / name).mkdir(parents=True)
-            public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
-        folders[mode] = repo / "model_output"
-    common = ["--config", str(tiny_config_file), "--train_step", "1"]
-    train_serially(tmp_path / "serial", *common)
-
-    # one subject's photo is unreadable: it fails, the three others still finish, the failure names it
-    broken = tmp_path / "devices" / "train_data" / "girl1" / "a.jpg"
-    good = broken.read_bytes()
-    broken.write_bytes(b"not an image")
-    first = run_train_sh(tmp_path / "devices", "--devices", "cpu,cpu", *common)
-    assert first.returncode == 1
-    assert "training girl1 failed on cpu" in first.stderr and "cannot read image" in first.stderr
-    assert all((folders["devices"] / name / META_FILE).is_file() for name in SUBJECTS if name != "girl1")
-    broken.write_bytes(good)
-    second = run_train_sh(tmp_path / "devices", "--devices", "cpu,cpu", *common)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("=== ") == 2 * len(SUBJECTS)  # start and done per subject
-
-    for name in SUBJECTS:
-        log = folders["devices"] / name / "logs" / "train_sh.log"
-        assert log.is_file() and ("nothing to resume" in log.read_text()) == (name != "girl1")
-        for file in (UVIT_LORA_FILE, TOKEN_FILE):
-            assert (folders["devices"] / name / file).read_bytes() == (folders["serial"] / name / file).read_bytes(), \
-                (name, file)

@@ -1,7 +1,8 @@
-"""A stop signal to the parent of several training processes (#24): `train.sh --devices cpu,cpu` passes SIGTERM on to
+"""Several training processes: `train.sh --devices cpu,cpu` (#20) writes the serial train.sh's personalizations,
+with per-subject logs, every subject running to its end when one fails; a stop signal to train.sh (#24) reaches
 every subject in training (through accelerate, to train.py), each finishes its step and writes its checkpoint, no
-further subject starts, and train.sh exits 143 saying how to continue; running it again ends with the
-personalizations of an uninterrupted run."""
+further subject starts, and train.sh exits 143 saying how to continue, and a rerun continues exactly; a signal to
+one rank of a distributed run stops every rank after the same step."""
 from __future__ import annotations
 
 import json
@@ -57,17 +58,23 @@ def _cwd(process: psutil.Process) -> str:
 
 
 @pytest.mark.slow
-def test_sigterm_to_train_sh_devices_stops_every_subject_and_the_rerun_continues_exactly(
+def test_train_sh_devices_ends_with_the_serial_personalizations_through_a_stop_and_a_failure(
         tmp_path, tiny_config_file, public_photos, fresh_accelerate_state):
+    """`train.sh --devices cpu,cpu`, one subject's photo unreadable: SIGTERM to train.sh alone stops every subject in
+    training (each checkpoints; none starts after; exit 143, how to continue); the rerun continues them, the
+    unreadable subject fails naming itself while the others finish; after the fix the last rerun trains it alone.
+    The four personalizations equal those of an uninterrupted serial train.sh, bitwise, each with its log."""
     settings = ["--config", str(tiny_config_file), "--train_step", str(STEPS), "--checkpointing_steps", "1000",
                 "--log_every", "1"]
     common = ["--devices", "cpu,cpu", *settings]
-    # the uninterrupted result: what train.sh writes (tests/test_devices.py shows --devices writes the serial files)
     reference = subjects_repo(tmp_path / "reference", public_photos)
-    train_serially(reference, *settings)
+    train_serially(reference, *settings)  # the serial loop's own process: tests/test_train.py
 
     repo = subjects_repo(tmp_path / "stopped", public_photos)
     outputs = repo / "model_output"
+    broken = repo / "train_data" / "girl1" / "a.jpg"
+    good = broken.read_bytes()
+    broken.write_bytes(b"not an image")
     process = subprocess.Popen([str(repo / "train.sh"), *common], cwd=repo.parent, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=train_sh_env())
     try:
@@ -99,9 +106,17 @@ def test_sigterm_to_train_sh_devices_stops_every_subject_and_the_rerun_continues
     assert stopped, out
     assert not (outputs / SUBJECTS[-1] / META_FILE).exists()  # no subject was started after the signal
 
+    failed = run_train_sh(repo, *common)  # girl1 fails, the three others finish (the stopped ones continued)
+    assert failed.returncode == 1
+    assert "training girl1 failed on cpu" in failed.stderr and "cannot read image" in failed.stderr
+    assert all((outputs / name / META_FILE).is_file() for name in SUBJECTS if name != "girl1")
+    broken.write_bytes(good)
     again = run_train_sh(repo, *common)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("=== ") == 2 * len(SUBJECTS)  # start and done per subject
     for name in SUBJECTS:
+        log = outputs / name / "logs" / "train_sh.log"
+        assert log.is_file() and ("nothing to resume" in log.read_text()) == (name != "girl1")
         for file in (UVIT_LORA_FILE, TOKEN_FILE):
             assert (outputs / name / file).read_bytes() == (reference / "model_output" / name / file).read_bytes(), \
                 (name, file)
