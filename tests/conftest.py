@@ -4,8 +4,11 @@ public-domain photos read from installed packages (never committed competition d
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -134,6 +137,23 @@ def stop_at(step: int) -> Callable[[int, dict], None]:
         if current == step:
             raise KeyboardInterrupt
     return stop
+
+
+def wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: str, seconds: float = 300) -> None:
+    """Poll `condition` while `process` runs, until it holds: the signal tests' moment to send (fails naming `what`
+    if it never comes, with the process's output if it ended first)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{what} never happened"
+        time.sleep(0.05)
+
+
+def logged_step(out: Path) -> int:
+    """The highest step in a run's JSONL log so far (0 before any; step 0 is the first validation's record)."""
+    log = out / "logs" / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    return max((json.loads(line).get("step", 0) for line in lines if line.strip().endswith("}")), default=0)
 
 
 def copy_folder(source: Path, destination: Path) -> Path:

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from PIL import Image
 
 import sample
 import score
-from conftest import copy_folder
+from conftest import copy_folder, wait_until
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.face import DlibBackend, FaceModelFailed, InsightFaceBackend
@@ -66,11 +65,7 @@ def test_a_face_model_damaged_before_a_resume_stops_it_and_the_fixed_resume_fini
     # preempted after the first scored validation (step 2) was checkpointed
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
-        deadline = time.monotonic() + 300
-        while not list_checkpoints(out):
-            assert first.poll() is None, first.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_until(lambda: bool(list_checkpoints(out)), first, "a first checkpoint")
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=120)
     finally:

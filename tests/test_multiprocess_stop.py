@@ -10,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -21,6 +20,7 @@ from libs.config import REPO_ROOT
 from libs.layout import SUBJECTS
 from libs.train_output import CHECKPOINT_STATE, META_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints
 from test_devices import run_train_sh, train_serially, train_sh_env
+from conftest import logged_step, wait_until
 
 STEPS = 30
 
@@ -31,12 +31,6 @@ def subjects_repo(root: Path, public_photos) -> Path:
         (repo / "train_data" / name).mkdir(parents=True)
         public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
     return repo
-
-
-def logged_step(out: Path) -> int:
-    log = out / "logs" / "train_log.jsonl"
-    lines = log.read_text().splitlines() if log.is_file() else []
-    return max((json.loads(line)["step"] for line in lines if line.endswith("}")), default=0)
 
 
 def training_processes(repo: Path) -> list[psutil.Process]:
@@ -78,11 +72,9 @@ def test_train_sh_devices_ends_with_the_serial_personalizations_through_a_stop_a
     process = subprocess.Popen([str(repo / "train.sh"), *common], cwd=repo.parent, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=train_sh_env())
     try:
-        deadline = time.monotonic() + 300
-        while min(logged_step(outputs / name) for name in SUBJECTS[:2]) < 2:  # one subject in training per device
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the first subjects never started"
-            time.sleep(0.05)
+        # one subject in training per device
+        wait_until(lambda: min(logged_step(outputs / name) for name in SUBJECTS[:2]) >= 2, process,
+                   "the first subjects' step 2")
         process.send_signal(signal.SIGTERM)  # to train.sh alone, as `docker stop` or `kill` sends it
         out, err = process.communicate(timeout=300)
     finally:
@@ -136,11 +128,7 @@ def test_a_signal_to_one_rank_of_a_distributed_run_stops_every_rank_after_the_sa
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env)
     try:
-        deadline = time.monotonic() + 300
-        while logged_step(out) < 3:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the run never started"
-            time.sleep(0.05)
+        wait_until(lambda: logged_step(out) >= 3, process, "step 3")
         [rank1] = [child for child in psutil.Process(process.pid).children(recursive=True)
                    if child.environ().get("RANK") == "1"]
         rank1.send_signal(signal.SIGTERM)

@@ -27,6 +27,7 @@ from libs.errors import Interrupted
 from libs.stopping import StopSignals
 from libs.train import run_auto_recipe
 from libs.train_output import AUTO_DIR, FAILED_FILE, LOG_DIR, LOG_FILE, META_FILE, TABLE_FILE, TOKEN_FILE
+from conftest import wait_until
 from test_reliability_inputs import search_config
 
 RECIPES = ("base", "vera", "double_lr")  # vera: another family, its projections seeded in a recipe process
@@ -87,11 +88,7 @@ def test_a_parallel_search_stopped_mid_recipe_resumes_without_retraining_finishe
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:  # double_lr starts when base or vera has finished: stop while it trains
-        deadline = time.monotonic() + 600
-        while not _training(work / "double_lr"):
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "double_lr never started training"
-            time.sleep(0.05)
+        wait_until(lambda: _training(work / "double_lr"), process, "double_lr's training", seconds=600)
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=300)
     finally:

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sample
-from conftest import write_photos
+from conftest import logged_step, wait_until, write_photos
 from entrypoints import run_entry, script_repo
 from libs.config import REPO_ROOT
 from libs.errors import Interrupted
@@ -166,22 +166,6 @@ def test_a_recipe_search_stopped_mid_recipe_resumes_to_the_same_winner(tiny_conf
         assert (out / name).read_bytes() == (tmp_path / "reference" / name).read_bytes()
 
 
-def _wait_until(condition, process: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the marker never appeared"
-        time.sleep(0.05)
-
-
-def _last_logged_step(out: Path) -> int:
-    """The highest step in the run's JSONL log so far (0 before any; step 0 is the first validation's record)."""
-    log = out / "logs" / "train_log.jsonl"
-    steps = [json.loads(line).get("step", 0) for line in log.read_text().splitlines() if line.strip().endswith("}")] \
-        if log.is_file() else []
-    return max(steps, default=0)
-
-
 @pytest.mark.slow
 def test_train_py_process_stops_on_sigterm_within_bounds(tiny_config_file, photos, tmp_path, capsys):
     """The real process: exit 128 + 15, one `stopped:` line with the command that continues, no traceback, the
@@ -193,8 +177,8 @@ def test_train_py_process_stops_on_sigterm_within_bounds(tiny_config_file, photo
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
-        _wait_until(lambda: _last_logged_step(out) >= 3, process)
-        seen = _last_logged_step(out)  # the step that runs on is at least this one: the stop checkpoints it
+        wait_until(lambda: logged_step(out) >= 3, process, "step 3")
+        seen = logged_step(out)  # the step that runs on is at least this one: the stop checkpoints it
         process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
         _, err = process.communicate(timeout=120)
@@ -236,7 +220,7 @@ def test_sample_sh_stopped_leaves_whole_images_and_skip_existing_completes_them(
     process = subprocess.Popen(["bash", str(root / "sample.sh"), *SAMPLE_ARGS], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
-        _wait_until(lambda: images.is_dir() and any(images.glob("*-*.jpg")), process)
+        wait_until(lambda: images.is_dir() and any(images.glob("*-*.jpg")), process, "a first image")
         process.send_signal(signal.SIGTERM)  # sample.sh execs python: the signal reaches sample.py
         _, err = process.communicate(timeout=120)
     finally:

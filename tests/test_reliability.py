@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +26,7 @@ from libs.config import REPO_ROOT
 from libs.photos import image_is_complete
 from libs.prompts import image_name
 from libs.train_output import CHECKPOINT_DIR, META_FILE, list_checkpoints
-from conftest import copy_folder, write_config_file, write_photos
+from conftest import copy_folder, wait_until, write_config_file, write_photos
 
 PROMPTS = ["a boy smiling", "a boy on the beach", "a boy in the snow"]
 SAMPLE_FAST = ["--steps", "1", "--device", "cpu"]
@@ -319,14 +318,6 @@ def test_a_loss_forced_non_finite_stops_and_keeps_the_last_good_checkpoint(tmp_p
 # --- two writers ------------------------------------------------------------------------------------------
 
 
-def _wait_for(path: Path, process: subprocess.Popen, seconds: float = 300) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
 @pytest.mark.parametrize("script", ["train", "sample"])
 def test_two_writers_on_one_folder(script, tmp_path, tiny_config_file, photos, restore, prompts, capsys):
     """The first run is another process holding the folder; the second, the same command line, runs here."""
@@ -340,7 +331,7 @@ def test_two_writers_on_one_folder(script, tmp_path, tiny_config_file, photos, r
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
     try:
-        _wait_for(out / ".lock", first)
+        wait_until((out / ".lock").exists, first, f"{out / '.lock'}")
         holder = json.loads((out / ".lock").read_text())
         assert holder["pid"] == first.pid
         code = run_entry(module, args)
