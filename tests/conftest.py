@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -147,6 +148,19 @@ def wait_until(condition: Callable[[], bool], process: subprocess.Popen, what: s
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{what} never happened"
         time.sleep(0.05)
+
+
+def stop_when(process: subprocess.Popen, condition: Callable[[], bool], what: str,
+              send: Callable[[], None] | None = None, seconds: float = 300) -> tuple[str, str]:
+    """Once `condition` holds (wait_until), `send()` the stop (default: SIGTERM to `process`, as `docker stop` or a
+    scheduler sends it) and return the process's (stdout, stderr) when it has exited; killed if anything fails."""
+    try:
+        wait_until(condition, process, what, seconds)
+        (send or (lambda: process.send_signal(signal.SIGTERM)))()
+        return process.communicate(timeout=seconds)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def logged_step(out: Path) -> int:

@@ -19,7 +19,7 @@ from PIL import Image
 
 import sample
 import score
-from conftest import copy_folder, wait_until
+from conftest import copy_folder, stop_when
 from entrypoints import run_entry
 from libs.config import REPO_ROOT
 from libs.face import DlibBackend, FaceModelFailed, InsightFaceBackend
@@ -64,13 +64,7 @@ def test_a_face_model_damaged_before_a_resume_stops_it_and_the_fixed_resume_fini
 
     # preempted after the first scored validation (step 2) was checkpointed
     first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        wait_until(lambda: bool(list_checkpoints(out)), first, "a first checkpoint")
-        first.send_signal(signal.SIGTERM)
-        _, err = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
+    _, err = stop_when(first, lambda: bool(list_checkpoints(out)), "a first checkpoint")
     assert first.returncode == 128 + signal.SIGTERM, err
     stopped_at = json.loads((list_checkpoints(out)[-1] / "training_state.json").read_text())["step"]
     assert 2 <= stopped_at < 12

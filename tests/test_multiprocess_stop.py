@@ -20,7 +20,7 @@ from libs.config import REPO_ROOT
 from libs.layout import SUBJECTS
 from libs.train_output import CHECKPOINT_STATE, META_FILE, TOKEN_FILE, UVIT_LORA_FILE, list_checkpoints
 from test_devices import run_train_sh, train_serially, train_sh_env
-from conftest import logged_step, wait_until
+from conftest import logged_step, stop_when
 
 STEPS = 30
 
@@ -71,15 +71,9 @@ def test_train_sh_devices_ends_with_the_serial_personalizations_through_a_stop_a
     broken.write_bytes(b"not an image")
     process = subprocess.Popen([str(repo / "train.sh"), *common], cwd=repo.parent, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=train_sh_env())
-    try:
-        # one subject in training per device
-        wait_until(lambda: min(logged_step(outputs / name) for name in SUBJECTS[:2]) >= 2, process,
-                   "the first subjects' step 2")
-        process.send_signal(signal.SIGTERM)  # to train.sh alone, as `docker stop` or `kill` sends it
-        out, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # SIGTERM to train.sh alone, once one subject per device is in training
+    out, err = stop_when(process, lambda: min(logged_step(outputs / name) for name in SUBJECTS[:2]) >= 2,
+                         "the first subjects' step 2")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "run the same ./train.sh command again" in err, err
     assert "Traceback" not in err
@@ -127,15 +121,12 @@ def test_a_signal_to_one_rank_of_a_distributed_run_stops_every_rank_after_the_sa
     env = {**train_sh_env(), "ACCELERATE_USE_CPU": "1"}
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=env)
-    try:
-        wait_until(lambda: logged_step(out) >= 3, process, "step 3")
+    def to_rank_1() -> None:
         [rank1] = [child for child in psutil.Process(process.pid).children(recursive=True)
                    if child.environ().get("RANK") == "1"]
         rank1.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
+
+    _, err = stop_when(process, lambda: logged_step(out) >= 3, "step 3", send=to_rank_1)
     steps = re.findall(r"stopped: SIGTERM at step (\d+) of 400", err)
     assert len(steps) == 2 and steps[0] == steps[1], err[-3000:]  # each rank says it stopped, after the same step
     [checkpoint] = list_checkpoints(out)

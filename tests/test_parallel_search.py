@@ -27,7 +27,7 @@ from libs.errors import Interrupted
 from libs.stopping import StopSignals
 from libs.train import run_auto_recipe
 from libs.train_output import AUTO_DIR, FAILED_FILE, LOG_DIR, LOG_FILE, META_FILE, TABLE_FILE, TOKEN_FILE
-from conftest import wait_until
+from conftest import stop_when
 from test_reliability_inputs import search_config
 
 RECIPES = ("base", "vera", "double_lr")  # vera: another family, its projections seeded in a recipe process
@@ -87,13 +87,8 @@ def test_a_parallel_search_stopped_mid_recipe_resumes_without_retraining_finishe
     args = _search_args("config.py", str(photos.relative_to(tmp_path)), "stopped/girl1")
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "train.py"), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:  # double_lr starts when base or vera has finished: stop while it trains
-        wait_until(lambda: _training(work / "double_lr"), process, "double_lr's training", seconds=600)
-        process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # double_lr starts when base or vera has finished: stop while it trains
+    _, err = stop_when(process, lambda: _training(work / "double_lr"), "double_lr's training", seconds=600)
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and not (out / ".lock").exists(), err
     [stopped] = [line for line in err.splitlines() if line.startswith("stopped: ")]

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import sample
-from conftest import logged_step, wait_until, write_photos
+from conftest import logged_step, stop_when, wait_until, write_photos
 from entrypoints import run_entry, script_repo
 from libs.config import REPO_ROOT
 from libs.errors import Interrupted
@@ -219,13 +219,8 @@ def test_sample_sh_stopped_leaves_whole_images_and_skip_existing_completes_them(
            "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     process = subprocess.Popen(["bash", str(root / "sample.sh"), *SAMPLE_ARGS], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
-    try:
-        wait_until(lambda: images.is_dir() and any(images.glob("*-*.jpg")), process, "a first image")
-        process.send_signal(signal.SIGTERM)  # sample.sh execs python: the signal reaches sample.py
-        _, err = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
+    # sample.sh execs python: the signal reaches sample.py
+    _, err = stop_when(process, lambda: images.is_dir() and any(images.glob("*-*.jpg")), "a first image")
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err and "--skip_existing" in err, err
     written = sorted(images.iterdir())
