@@ -7,8 +7,6 @@ import csv
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from PIL import Image
 
 import train as train_script
-from entrypoints import run_entry, script_repo
+from entrypoints import run_entry
 from libs.locks import FolderBusyError, claimed_folder
 from libs.train import METRICS, Rendered, TrainingError, ValidationScores, run_auto_recipe
 from libs.train.auto_recipe import plan_candidates
@@ -168,23 +166,6 @@ def main_exit(config, photos: Path, out: Path, *extra: str) -> int:
     return run_entry(train_script, ["--config", config_file, "-d", photos, "-o", out, "--auto_recipe",
                                     "--no_prior_preservation", "--train_step", "2", "--validation_steps", "1",
                                     "--auto_budget", "6", *extra])
-
-
-@pytest.mark.slow
-def test_train_sh_auto_recipe_runs_the_four_subjects(tmp_path, tiny_config_file, public_photos):
-    repo = script_repo(tmp_path / "repo")
-    for name in ("boy1", "boy2", "girl1", "girl2"):
-        (repo / "train_data" / name).mkdir(parents=True)
-        public_photos["astronaut"].save(repo / "train_data" / name / "a.jpg")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE": str(Path(sys.executable).parent / "accelerate")}
-    command = [str(repo / "train.sh"), "--config", str(tiny_config_file), "--auto_recipe", "--auto_recipes", "base",
-               "half_rank", "--train_step", "1", "--validation_steps", "1", "--validation_face_backend", "none"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=1200)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("boy1", "boy2", "girl1", "girl2"):
-        meta = json.loads((repo / "model_output" / name / META_FILE).read_text())
-        assert meta["auto_recipe"]["winner"] in ("base", "half_rank")
-        assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
 
 
 @pytest.mark.parametrize("devices, message", [("gpu7", r"device list 'gpu7': unknown device 'gpu7'"),

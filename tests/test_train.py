@@ -29,8 +29,9 @@ from libs.personalization import load_personalization
 from libs.prompts import fill_prompt
 from libs.layout import SUBJECTS, class_word_from_path
 from libs.train import TrainingError, ViewSampler, build_models, count_trainable, make_plan, total_loss, train
-from libs.train_output import (CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TEXT_FULL_FILE, TEXT_LORA_FILE,
-                               TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR, list_checkpoints)
+from libs.train_output import (AUTO_DIR, CHECKPOINT_DIR, LOG_DIR, LOG_FILE, META_FILE, RUN_FILE, TABLE_FILE,
+                               TEXT_FULL_FILE, TEXT_LORA_FILE, TOKEN_FILE, UVIT_LORA_FILE, VALIDATION_DIR,
+                               list_checkpoints)
 from conftest import stop_at
 
 
@@ -285,7 +286,8 @@ def test_two_processes_with_gloo(tmp_path, tiny_config_file, tiny_config, photos
 @pytest.mark.slow
 def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, public_photos):
     """From another working directory; crops preferred over raw photos; stops at the first failure; a re-run
-    skips finished subjects; extra flags reach train.py."""
+    skips finished subjects; extra flags reach train.py (the re-run's `./train.sh --auto_recipe`: a recipe search
+    per subject, each with its table and winner)."""
     repo = script_repo(tmp_path / "repo")
 
     def subject(folder: Path) -> None:
@@ -309,13 +311,19 @@ def test_train_sh_runs_the_four_subjects_in_order(tmp_path, tiny_config_file, pu
     subject(repo / "train_data" / "girl1")
     subject(repo / "train_data" / "girl2")
     finished = (repo / "model_output" / "boy1" / UVIT_LORA_FILE).stat().st_mtime_ns
-    second = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    search = ["--auto_recipe", "--auto_recipes", "base", "half_rank", "--validation_steps", "1",
+              "--validation_face_backend", "none"]
+    second = subprocess.run(command + search, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
     assert (repo / "model_output" / "boy1" / UVIT_LORA_FILE).stat().st_mtime_ns == finished
     assert second.stdout.count("nothing to resume") == 1
     assert second.stdout.index("=== boy1: train_data_crop/boy1") < second.stdout.index("=== boy2: train_data/boy2")
     for name in SUBJECTS:
-        assert json.loads((repo / "model_output" / name / META_FILE).read_text())["steps"] == 1
+        meta = json.loads((repo / "model_output" / name / META_FILE).read_text())
+        assert meta["steps"] == 1
+        if name != "boy1":  # the re-run's flags reached train.py: a search per subject
+            assert meta["auto_recipe"]["winner"] in ("base", "half_rank")
+            assert (repo / "model_output" / name / AUTO_DIR / TABLE_FILE).is_file()
     assert json.loads((repo / "model_output" / "girl2" / META_FILE).read_text())["class_word"] == "girl"
 
 
