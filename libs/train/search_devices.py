@@ -9,7 +9,6 @@ stops and resumes as the serial one does:
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -21,6 +20,7 @@ import ml_collections
 from libs.config import REPO_ROOT
 from libs.devices import Failure, Job, log_tail, run_on_devices
 from libs.errors import Interrupted
+from libs.files import load_json
 from libs.stopping import StopSignals, resume_command
 from libs.train.plan import TrainingError
 from libs.train_output import FAILED_FILE, LOG_DIR
@@ -31,13 +31,11 @@ def read_failures(path: Path) -> dict[str, str]:
     use; none yet is an empty record."""
     if not path.exists():
         return {}
-    try:
-        failures = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        failures = None
-    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
-        raise TrainingError(f"{path} is damaged (not a JSON record of failed recipes): delete it to train those "
+    damaged = TrainingError(f"{path} is damaged (not a JSON record of failed recipes): delete it to train those "
                             "recipes again, or pass --overwrite to search again")
+    failures = load_json(path, lambda error: damaged)
+    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
+        raise damaged
     return failures
 
 
